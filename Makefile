@@ -1,0 +1,115 @@
+# smtpbridge - see README.md.
+#
+#   make                 build build/smtpbridge
+#   make run             install what is missing, build, start a demo (see README)
+#   make test            install what is missing, build, run every test
+#   make install         install binary, config and docs under $(PREFIX)
+#   make SANITIZER=address   ASan+UBSan build in build/asan/
+#   make format          reformat the C sources (make format-check checks)
+
+CC        ?= cc
+CFLAGS    ?= -O2 -g
+WARN      := -Wall -Wextra -Werror -Wshadow -Wconversion -Wstrict-prototypes -Wmissing-prototypes
+CPPFLAGS  += -D_GNU_SOURCE -Iproxy
+STD       := -std=c17
+LIBS      := -lwolfssl -lev -linih
+PREFIX    ?= /usr/local
+DESTDIR   ?=
+PYTHON    := /usr/bin/python3
+VERSION   := 0.1.0
+
+ifeq ($(SANITIZER),)
+  BUILD   := build
+else ifeq ($(SANITIZER),address)
+  BUILD   := build/asan
+  CFLAGS  := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+  LDFLAGS += -fsanitize=address,undefined
+else
+  $(error SANITIZER must be empty or 'address')
+endif
+
+SRCS := $(wildcard proxy/*.c)
+OBJS := $(patsubst proxy/%.c,$(BUILD)/obj/%.o,$(SRCS))
+BIN  := $(BUILD)/smtpbridge
+
+.PHONY: all deps run test test-unit test-integration test-asan test-fuzz fuzz format \
+        format-check install clean bench
+
+all: deps-build $(BIN)
+
+deps-build:
+	@scripts/deps.sh build
+
+$(BUILD)/obj/%.o: proxy/%.c $(wildcard proxy/*.h) | $(BUILD)/obj
+	$(CC) $(STD) $(CFLAGS) $(WARN) $(CPPFLAGS) -DSMTPBRIDGE_VERSION='"$(VERSION)"' -c $< -o $@
+
+$(BIN): $(OBJS)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $(OBJS) $(LIBS)
+
+$(BUILD)/obj:
+	mkdir -p $@
+
+# ---- running ----
+
+run:
+	@scripts/deps.sh run
+	@$(MAKE) --no-print-directory all
+	@scripts/run-demo.sh
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/sbin $(DESTDIR)/etc/smtpbridge $(DESTDIR)$(PREFIX)/share/doc/smtpbridge
+	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/sbin/smtpbridge
+	[ -e $(DESTDIR)/etc/smtpbridge/smtpbridge.conf ] || \
+	  install -m 0644 config/smtpbridge.conf $(DESTDIR)/etc/smtpbridge/smtpbridge.conf
+	install -m 0644 README.md docs/*.md $(DESTDIR)$(PREFIX)/share/doc/smtpbridge/
+
+# ---- tests ----
+
+UNIT_TESTS := $(patsubst tests/unit/%.c,build/unit/%,$(wildcard tests/unit/test_*.c))
+
+build/unit/test_smtp: tests/unit/test_smtp.c proxy/smtp.c proxy/smtp.h
+	@mkdir -p build/unit
+	$(CC) $(STD) -O1 -g $(WARN) $(CPPFLAGS) -fsanitize=address,undefined -fno-sanitize-recover=all \
+	  tests/unit/test_smtp.c proxy/smtp.c -o $@
+
+build/unit/test_config: tests/unit/test_config.c proxy/config.c proxy/log.c proxy/config.h
+	@mkdir -p build/unit
+	$(CC) $(STD) -O1 -g $(WARN) $(CPPFLAGS) -fsanitize=address,undefined -fno-sanitize-recover=all \
+	  tests/unit/test_config.c proxy/config.c proxy/log.c -linih -o $@
+
+test-unit: $(UNIT_TESTS)
+	@set -e; for t in $(UNIT_TESTS); do echo "== $$t"; $$t; done
+
+test-integration: all
+	SMTPBRIDGE_BIN=$(CURDIR)/build/smtpbridge $(PYTHON) -m pytest -q tests/integration
+
+test-asan:
+	@$(MAKE) --no-print-directory SANITIZER=address all
+	SMTPBRIDGE_BIN=$(CURDIR)/build/asan/smtpbridge ASAN_OPTIONS=detect_leaks=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1 $(PYTHON) -m pytest -q tests/integration
+
+FUZZ_SECONDS ?= 20
+test-fuzz:
+	tests/fuzz/run.sh $(FUZZ_SECONDS)
+
+fuzz:
+	tests/fuzz/run.sh 600
+
+format:
+	clang-format -i proxy/*.c proxy/*.h
+
+format-check:
+	@clang-format --dry-run --Werror proxy/*.c proxy/*.h tests/unit/*.c tests/fuzz/*.c \
+	  && echo "format-check: OK"
+
+test:
+	@scripts/deps.sh test
+	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory format-check
+	@$(MAKE) --no-print-directory test-unit
+	@$(MAKE) --no-print-directory test-integration
+	@$(MAKE) --no-print-directory test-asan
+	@$(MAKE) --no-print-directory test-fuzz
+
+clean:
+	rm -rf build

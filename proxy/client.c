@@ -1,0 +1,452 @@
+/*
+ * client.c - the client-facing dialogue: greeting, the pre-TLS dialogue the
+ * proxy answers itself, STARTTLS, and the command follower that relays the
+ * first commands after TLS one at a time (so that the upstream's EHLO reply
+ * can be edited) until the session is spliced.
+ */
+#include "session.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+
+#define R_530 "530 5.7.0 Must issue a STARTTLS command first\r\n"
+#define R_503_TLS "503 5.5.1 TLS already active\r\n"
+#define R_250_OK "250 2.0.0 OK\r\n"
+#define R_READY "220 2.0.0 Ready to start TLS\r\n"
+#define R_LONG "500 5.5.2 Line too long\r\n"
+#define R_ERRS "421 4.7.0 Too many errors, closing connection\r\n"
+#define R_TIMEOUT "421 4.4.2 Timeout exceeded, closing connection\r\n"
+#define R_INJECT "421 4.7.0 STARTTLS must be the last command before TLS, closing connection\r\n"
+
+/* Room needed in the out queue before a command is answered: the longest
+ * reply we generate (the EHLO reply, with a 255-byte host name). */
+#define REPLY_ROOM 384
+
+static void queue_fmt(struct session *s, const char *fmt, const char *arg)
+{
+    char line[REPLY_ROOM];
+    int n = snprintf(line, sizeof(line), fmt, arg);
+
+    if (n > 0 && (size_t)n < sizeof(line))
+        conn_queue(&s->c, line, (size_t)n);
+}
+
+static void greet(struct session *s)
+{
+    queue_fmt(s, "220 %s ESMTP\r\n", s->cfg->hostname);
+}
+
+static int client_allowed_plaintext(const struct session *s)
+{
+    const struct listener_cfg *li = s->li->cfg;
+
+    for (size_t i = 0; i < li->nallow; i++)
+        if (cidr_match(&li->allow[i], &s->peer))
+            return 1;
+    return 0;
+}
+
+static void start_handshake(struct session *s)
+{
+    WOLFSSL *ssl = wolfSSL_new(s->li->ctx);
+
+    if (ssl == NULL || wolfSSL_set_fd(ssl, s->c.fd) != WOLFSSL_SUCCESS) {
+        wolfSSL_free(ssl);
+        session_close(s, "cannot create TLS session (out of memory)");
+        return;
+    }
+    conn_start_tls(&s->c, ssl);
+    s->cphase = CP_HANDSHAKE;
+    conn_deadline(&s->c, s->cfg->handshake_timeout);
+}
+
+void client_start(struct session *s)
+{
+    if (s->li->cfg->mode == LISTENER_IMPLICIT) {
+        start_handshake(s);
+        return;
+    }
+    greet(s);
+    conn_deadline(&s->c, s->cfg->command_timeout);
+    if (client_allowed_plaintext(s)) {
+        s->plaintext_ok = 1;
+        s->cphase = CP_FOLLOW;
+        upstream_start(s);
+    } else {
+        s->cphase = CP_PRETLS;
+    }
+}
+
+int client_wants_read(const struct session *s)
+{
+    const struct conn *c = &s->c;
+
+    if (s->closing != CLOSE_NO || c->eof || c->failed || conn_in_room(c) == 0)
+        return 0;
+    return s->cphase == CP_PRETLS || s->cphase == CP_FOLLOW || s->cphase == CP_SPLICE;
+}
+
+static void count_error(struct session *s)
+{
+    if (++s->errors >= s->cfg->max_errors)
+        session_finish(s, R_ERRS, "too many errors (%u)", s->errors);
+}
+
+/*
+ * STARTTLS received with bytes after it: those bytes were sent before the
+ * client could know TLS would start, so they are an injection attempt
+ * (CVE-2011-0411 and kin). We close rather than discard: a client that
+ * pipelines past STARTTLS is either broken or hostile.
+ */
+static int starttls_injection(struct session *s)
+{
+    if (s->c.in.len == 0)
+        return 0;
+    slog(s, LOG_LVL_WARNING, "event=starttls_injection client=%s bytes=%u", s->peer_str,
+         s->c.in.len);
+    session_finish(s, R_INJECT, "data pipelined after STARTTLS (command injection attempt)");
+    return 1;
+}
+
+static void accept_starttls(struct session *s)
+{
+    conn_queue(&s->c, R_READY, strlen(R_READY));
+    s->cphase = CP_STARTTLS;
+    /* The handshake starts once the 220 is flushed; until then nothing is
+     * read, so the first byte after it is the ClientHello, read by TLS. */
+}
+
+/* One command before TLS, answered by the proxy itself (RFC 3207 4). */
+static void pretls_command(struct session *s, const char *line, size_t len)
+{
+    struct smtp_command cmd;
+    const char *err = smtp_parse_command(line, len, &cmd);
+    const char *host = s->cfg->hostname;
+
+    if (err != NULL) {
+        queue_fmt(s, "500 5.5.2 Syntax error: %s\r\n", err);
+        count_error(s);
+        return;
+    }
+    switch (cmd.verb) {
+    case SMTP_VERB_EHLO:
+        if (cmd.arg == NULL) {
+            queue_fmt(s, "501 5.5.4 Syntax: EHLO hostname%s\r\n", "");
+            count_error(s);
+            break;
+        }
+        /* Our own short list: STARTTLS, never AUTH (RFC 4954 4: no
+         * plaintext credentials) and nothing learned from the upstream. */
+        queue_fmt(s, "250-%s\r\n250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n", host);
+        break;
+    case SMTP_VERB_HELO:
+        if (cmd.arg == NULL) {
+            queue_fmt(s, "501 5.5.4 Syntax: HELO hostname%s\r\n", "");
+            count_error(s);
+            break;
+        }
+        queue_fmt(s, "250 %s\r\n", host);
+        break;
+    case SMTP_VERB_NOOP:
+    case SMTP_VERB_RSET:
+        conn_queue(&s->c, R_250_OK, strlen(R_250_OK));
+        break;
+    case SMTP_VERB_QUIT:
+        queue_fmt(s, "221 2.0.0 %s closing connection\r\n", host);
+        session_finish(s, NULL, "client quit before TLS");
+        break;
+    case SMTP_VERB_STARTTLS:
+        if (cmd.arg != NULL) {
+            queue_fmt(s, "501 5.5.4 Syntax: STARTTLS%s\r\n", "");
+            count_error(s);
+            break;
+        }
+        if (!starttls_injection(s))
+            accept_starttls(s);
+        break;
+    default:
+        conn_queue(&s->c, R_530, strlen(R_530));
+        count_error(s);
+        break;
+    }
+}
+
+static int pretls_lines(struct session *s)
+{
+    struct conn *c = &s->c;
+    int progress = 0;
+    size_t ll;
+
+    while (c->in.len > 0 && s->cphase == CP_PRETLS && s->closing == CLOSE_NO &&
+           c->out_len + REPLY_ROOM <= CONN_OUT_SIZE) {
+        const char *p = c->in.data + c->in.off;
+        if (!smtp_find_line(p, c->in.len, &ll)) {
+            if (c->in.len <= SMTP_MAX_COMMAND_LINE)
+                break;
+            /* Over-long line: drop what we have and the rest of the line. */
+            s->discard_line = 1;
+            conn_consume(c, c->in.len);
+            progress = 1;
+            break;
+        }
+        char line[SMTP_MAX_COMMAND_LINE + 1];
+        size_t n = ll;
+        int too_long = s->discard_line || ll > SMTP_MAX_COMMAND_LINE;
+        if (!too_long)
+            memcpy(line, p, n);
+        conn_consume(c, (uint32_t)ll);
+        progress = 1;
+        s->discard_line = 0;
+        conn_deadline(c, s->cfg->command_timeout);
+        if (too_long) {
+            conn_queue(c, R_LONG, strlen(R_LONG));
+            count_error(s);
+            continue;
+        }
+        pretls_command(s, line, n);
+    }
+    if (c->eof && s->closing == CLOSE_NO && (c->in.len == 0 || s->cphase != CP_PRETLS))
+        session_close(s, "client closed connection before TLS");
+    return progress;
+}
+
+/* ---- after TLS (or for allowed plaintext clients): the follower ---- */
+
+static char *scratch;
+static size_t scratch_cap;
+
+/*
+ * The upstream's reply to a relayed EHLO: remove STARTTLS (the client is on
+ * TLS with us, or may upgrade with us, never with the upstream) and, for a
+ * plaintext client, advertise our own STARTTLS.
+ */
+static int edit_ehlo_reply(struct session *s, size_t rlen)
+{
+    struct conn *u = &s->u;
+    const char *add = s->c.ssl == NULL ? "STARTTLS" : NULL;
+    size_t need = rlen + 64, outlen;
+
+    if (scratch_cap < need) {
+        char *p = realloc(scratch, need);
+        if (p == NULL)
+            return -1;
+        scratch = p;
+        scratch_cap = need;
+    }
+    if (smtp_ehlo_filter(u->in.data + u->in.off, rlen, scratch, scratch_cap, "STARTTLS", add,
+                         &outlen) == -1)
+        return -1;
+    /* Replace the reply in place; growing needs room in front (the reply
+     * was read at the head of the buffer, so any growth fits in the slack
+     * left by the command bytes already consumed, or at the tail). */
+    if (outlen > rlen) {
+        size_t grow = outlen - rlen;
+        if (u->in.off >= grow) {
+            u->in.off -= (uint32_t)grow;
+            u->in.len += (uint32_t)grow;
+        } else if (conn_in_room(u) >= grow) {
+            memmove(u->in.data + u->in.off + outlen, u->in.data + u->in.off + rlen,
+                    u->in.len - rlen);
+            u->in.len += (uint32_t)grow;
+        } else {
+            return -1;
+        }
+    } else {
+        size_t shrink = rlen - outlen;
+        u->in.off += (uint32_t)shrink;
+        u->in.len -= (uint32_t)shrink;
+    }
+    memcpy(u->in.data + u->in.off, scratch, outlen);
+    u->pass = (uint32_t)outlen;
+    return 0;
+}
+
+/* A complete reply from the upstream to the command we relayed. */
+static int follow_reply(struct session *s)
+{
+    struct conn *u = &s->u;
+    struct smtp_reply r;
+    const char *err;
+    enum smtp_reply_status st;
+
+    if (u->in.len == 0)
+        return 0;
+    if (s->await == AWAIT_NONE) {
+        /* Unsolicited (a 421 before closing, say): pass it on as is. */
+        if (u->pass < u->in.len) {
+            u->pass = u->in.len;
+            return 1;
+        }
+        return 0;
+    }
+    if (u->pass > 0)
+        return 0;
+    st = smtp_parse_reply(u->in.data + u->in.off, u->in.len, &r, &err);
+    if (st == SMTP_REPLY_INCOMPLETE) {
+        if (conn_in_room(u) == 0)
+            upstream_fail(s, NULL, "reply larger than buffer_size (%zu bytes)",
+                          s->cfg->buffer_size);
+        return 0;
+    }
+    if (st == SMTP_REPLY_ERROR) {
+        upstream_fail(s, NULL, "malformed reply to relayed %s: %s",
+                      s->await == AWAIT_EHLO ? "EHLO" : "command", err);
+        return 0;
+    }
+    if (s->await == AWAIT_EHLO && r.code == 250) {
+        if (edit_ehlo_reply(s, r.len) == -1) {
+            upstream_fail(s, NULL, "EHLO reply too large to edit");
+            return 0;
+        }
+    } else {
+        u->pass = (uint32_t)r.len;
+    }
+    s->await = AWAIT_NONE;
+    conn_deadline(u, 0);
+    conn_deadline(&s->c, s->cfg->command_timeout);
+    return 1;
+}
+
+static void relay(struct session *s, size_t ll, enum await what)
+{
+    s->c.pass = (uint32_t)ll;
+    s->await = what;
+    conn_deadline(&s->c, 0);
+    conn_deadline(&s->u, s->li->up->cfg->reply_timeout);
+}
+
+static int follow_lines(struct session *s)
+{
+    struct conn *c = &s->c;
+    struct smtp_command cmd;
+    size_t ll;
+
+    if (s->uphase != UP_READY || s->await != AWAIT_NONE || c->pass > 0 ||
+        conn_pending_out(c, &s->u) > 0)
+        return 0;
+    if (c->in.len == 0) {
+        if (c->eof)
+            session_close(s, "client closed connection");
+        return 0;
+    }
+    const char *p = c->in.data + c->in.off;
+    if (!smtp_find_line(p, c->in.len, &ll)) {
+        /* A line this long is nothing we handle: let the upstream judge it. */
+        if (c->in.len > SMTP_MAX_COMMAND_LINE || c->eof) {
+            splice_enter(s);
+            return 1;
+        }
+        return 0;
+    }
+    if (smtp_parse_command(p, ll, &cmd) != NULL) {
+        splice_enter(s);
+        return 1;
+    }
+    switch (cmd.verb) {
+    case SMTP_VERB_EHLO:
+        relay(s, ll, AWAIT_EHLO);
+        break;
+    case SMTP_VERB_HELO:
+    case SMTP_VERB_NOOP:
+    case SMTP_VERB_RSET:
+        relay(s, ll, AWAIT_REPLY);
+        break;
+    case SMTP_VERB_STARTTLS:
+        conn_consume(c, (uint32_t)ll);
+        if (c->ssl != NULL) {
+            /* RFC 3207 4.2: no second handshake inside TLS. */
+            conn_queue(c, R_503_TLS, strlen(R_503_TLS));
+            count_error(s);
+        } else if (cmd.arg != NULL) {
+            queue_fmt(s, "501 5.5.4 Syntax: STARTTLS%s\r\n", "");
+            count_error(s);
+        } else if (!starttls_injection(s)) {
+            accept_starttls(s);
+        }
+        break;
+    default:
+        splice_enter(s);
+        break;
+    }
+    return 1;
+}
+
+int client_step(struct session *s)
+{
+    struct conn *c = &s->c;
+    int progress = 0, r;
+
+    switch (s->cphase) {
+    case CP_HANDSHAKE:
+        r = conn_handshake(c, 1);
+        if (r < 0) {
+            session_close(s, "client TLS handshake failed: %s", c->errmsg);
+            return 0;
+        }
+        if (r == 0)
+            return 0;
+        slog(s, LOG_LVL_DEBUG, "event=client_tls version=%s cipher=%s", c->tls_version,
+             c->tls_cipher);
+        /* RFC 3207 4.2: after STARTTLS the client starts afresh with EHLO and
+         * gets no new greeting; after implicit TLS it gets the greeting. */
+        if (!s->client_tls_seen && s->li->cfg->mode == LISTENER_IMPLICIT)
+            greet(s);
+        s->client_tls_seen = 1;
+        s->cphase = CP_FOLLOW;
+        conn_deadline(c, s->cfg->command_timeout);
+        upstream_start(s);
+        return 1;
+    case CP_STARTTLS:
+        if (c->out_len > 0)
+            return 0;
+        start_handshake(s);
+        return 1;
+    case CP_PRETLS:
+    case CP_FOLLOW:
+    case CP_SPLICE:
+        break;
+    }
+    if (client_wants_read(s)) {
+        r = conn_fill(c);
+        if (r > 0)
+            progress = 1;
+        else if (r < 0 && c->failed) {
+            session_close(s, "client read failed: %s", c->errmsg);
+            return 0;
+        }
+    }
+    if (s->cphase == CP_PRETLS)
+        progress |= pretls_lines(s);
+    else if (s->cphase == CP_FOLLOW && s->closing == CLOSE_NO) {
+        progress |= follow_reply(s);
+        if (s->closing == CLOSE_NO && s->cphase == CP_FOLLOW)
+            progress |= follow_lines(s);
+    }
+    return progress;
+}
+
+void client_timeout(struct session *s)
+{
+    if (s->closing != CLOSE_NO) {
+        session_close(s, "timeout while flushing the last reply");
+        return;
+    }
+    switch (s->cphase) {
+    case CP_HANDSHAKE:
+        session_close(s, "client TLS handshake timeout (%gs)", s->cfg->handshake_timeout);
+        break;
+    case CP_STARTTLS:
+        session_close(s, "timeout while sending the STARTTLS reply");
+        break;
+    case CP_PRETLS:
+    case CP_FOLLOW:
+        session_finish(s, R_TIMEOUT, "client command timeout (%gs)", s->cfg->command_timeout);
+        break;
+    case CP_SPLICE:
+        splice_idle_check(s);
+        break;
+    }
+}

@@ -1,0 +1,905 @@
+/*
+ * config.c - INI -> validated struct config (see config.h).
+ *
+ * inih does the tokenising. It has no notion of line numbers in its handler
+ * (Debian builds it without INI_HANDLER_LINENO), so we feed it through our own
+ * line reader and read the current line number from there. The same reader
+ * catches over-long lines, which inih would otherwise split silently into a
+ * second, bogus line.
+ */
+#include "config.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <ini.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+/* inih's line buffer is 200 bytes including CR, LF and NUL. */
+#define MAX_LINE 197
+#define MAX_FILE (1024 * 1024)
+#define MAX_SECTIONS 256
+
+struct reader {
+    const char *p;
+    int line;
+};
+
+struct parse {
+    struct config *cfg;
+    const char *file;
+    struct reader rd;
+    int errors;
+    /* Which keys were seen in the current section (bit per key index). */
+    char cur_section[128];
+    uint64_t seen;
+    struct upstream_cfg *up;
+    struct listener_cfg *li;
+    int in_global;
+    int bad_section;
+};
+
+static void perr(struct parse *p, int line, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void perr(struct parse *p, int line, const char *fmt, ...)
+{
+    va_list ap;
+
+    fprintf(stderr, "%s:%d: ", p->file, line);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    p->errors++;
+}
+
+static int begin_section(struct parse *p, const char *section);
+
+static char *reader(char *str, int num, void *stream)
+{
+    struct parse *p = stream;
+    struct reader *r = &p->rd;
+    const char *nl;
+    size_t len, take;
+
+    if (*r->p == '\0')
+        return NULL;
+    r->line++;
+    nl = strchr(r->p, '\n');
+    len = nl ? (size_t)(nl - r->p) + 1 : strlen(r->p);
+    take = len;
+    if (take > (size_t)num - 1 || len > MAX_LINE + 1) {
+        perr(p, r->line, "line longer than %d characters", MAX_LINE);
+        /* Hand inih a comment instead, so it does not misparse the rest. */
+        str[0] = ';';
+        str[1] = '\0';
+        r->p += len;
+        return str;
+    }
+    memcpy(str, r->p, take);
+    str[take] = '\0';
+    r->p += len;
+    /* Section headers are handled here rather than in the handler, so that an
+     * empty section, or one repeated right after itself, is still seen. */
+    const char *c = str;
+    while (*c == ' ' || *c == '\t')
+        c++;
+    const char *close = *c == '[' ? strchr(c, ']') : NULL;
+    if (close != NULL) {
+        char name[128];
+        snprintf(name, sizeof(name), "%.*s", (int)(close - c - 1), c + 1);
+        begin_section(p, name);
+    }
+    return str;
+}
+
+static char *xstrdup(const char *s)
+{
+    char *d = strdup(s);
+
+    if (d == NULL) {
+        perror("smtpbridge: out of memory");
+        exit(1);
+    }
+    return d;
+}
+
+static void *xrealloc(void *ptr, size_t n, size_t size)
+{
+    void *q;
+
+    if (n != 0 && size > SIZE_MAX / n)
+        q = NULL;
+    else
+        q = realloc(ptr, n * size);
+    if (q == NULL) {
+        perror("smtpbridge: out of memory");
+        exit(1);
+    }
+    return q;
+}
+
+static int parse_bool(const char *v, int *out)
+{
+    static const char *const yes[] = {"yes", "on", "true", "1"};
+    static const char *const no[] = {"no", "off", "false", "0"};
+
+    for (size_t i = 0; i < 4; i++) {
+        if (strcasecmp(v, yes[i]) == 0) {
+            *out = 1;
+            return 0;
+        }
+        if (strcasecmp(v, no[i]) == 0) {
+            *out = 0;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static int parse_duration(const char *v, double *out)
+{
+    char *end;
+    double d;
+
+    errno = 0;
+    d = strtod(v, &end);
+    if (end == v || errno != 0 || d < 0)
+        return -1;
+    if (*end == '\0' || strcmp(end, "s") == 0)
+        ;
+    else if (strcmp(end, "ms") == 0)
+        d /= 1000.0;
+    else if (strcmp(end, "m") == 0)
+        d *= 60.0;
+    else if (strcmp(end, "h") == 0)
+        d *= 3600.0;
+    else
+        return -1;
+    if (d < 0.001 || d > 86400.0 * 7)
+        return -1;
+    *out = d;
+    return 0;
+}
+
+static int parse_uint(const char *v, unsigned max, unsigned *out)
+{
+    char *end;
+    unsigned long n;
+
+    if (*v < '0' || *v > '9')
+        return -1;
+    errno = 0;
+    n = strtoul(v, &end, 10);
+    if (*end != '\0' || errno != 0 || n > max)
+        return -1;
+    *out = (unsigned)n;
+    return 0;
+}
+
+static int parse_size(const char *v, size_t *out)
+{
+    char *end;
+    unsigned long long n;
+
+    if (*v < '0' || *v > '9')
+        return -1;
+    errno = 0;
+    n = strtoull(v, &end, 10);
+    if (errno != 0 || n > (1ULL << 40))
+        return -1;
+    if (*end == 'k' || *end == 'K')
+        n *= 1024, end++;
+    else if (*end == 'm' || *end == 'M')
+        n *= 1024 * 1024, end++;
+    if (*end != '\0')
+        return -1;
+    *out = (size_t)n;
+    return 0;
+}
+
+static int parse_tls_version(const char *v, int *out)
+{
+    if (strcmp(v, "1.0") == 0)
+        *out = TLS_V10;
+    else if (strcmp(v, "1.1") == 0)
+        *out = TLS_V11;
+    else if (strcmp(v, "1.2") == 0)
+        *out = TLS_V12;
+    else if (strcmp(v, "1.3") == 0)
+        *out = TLS_V13;
+    else
+        return -1;
+    return 0;
+}
+
+int config_split_hostport(const char *s, char **host, char **port)
+{
+    const char *colon, *h, *he;
+    char *end;
+    unsigned long n;
+
+    if (s[0] == '[') {
+        he = strchr(s, ']');
+        if (he == NULL || he[1] != ':')
+            return -1;
+        h = s + 1;
+        colon = he + 1;
+    } else {
+        colon = strrchr(s, ':');
+        if (colon == NULL || memchr(s, ':', (size_t)(colon - s)) != NULL)
+            return -1;
+        h = s;
+        he = colon;
+    }
+    if (he == h || colon[1] == '\0')
+        return -1;
+    errno = 0;
+    n = strtoul(colon + 1, &end, 10);
+    if (*end != '\0' || errno != 0 || n == 0 || n > 65535 || colon[1] < '0' || colon[1] > '9')
+        return -1;
+    *host = strndup(h, (size_t)(he - h));
+    *port = xstrdup(colon + 1);
+    if (*host == NULL) {
+        free(*port);
+        return -1;
+    }
+    return 0;
+}
+
+int config_parse_cidr(const char *s, struct cidr *out)
+{
+    char buf[64];
+    const char *slash = strchr(s, '/');
+    size_t alen = slash ? (size_t)(slash - s) : strlen(s);
+    unsigned bits, maxbits;
+
+    if (alen == 0 || alen >= sizeof(buf))
+        return -1;
+    memcpy(buf, s, alen);
+    buf[alen] = '\0';
+    memset(out, 0, sizeof(*out));
+    if (inet_pton(AF_INET, buf, out->addr) == 1) {
+        out->family = AF_INET;
+        maxbits = 32;
+    } else if (inet_pton(AF_INET6, buf, out->addr) == 1) {
+        out->family = AF_INET6;
+        maxbits = 128;
+    } else {
+        return -1;
+    }
+    bits = maxbits;
+    if (slash != NULL && parse_uint(slash + 1, maxbits, &bits) == -1)
+        return -1;
+    out->bits = bits;
+    /* Host bits set ("10.1.2.3/8") are almost always a typo: refuse them. */
+    for (unsigned i = bits; i < maxbits; i++)
+        if (out->addr[i / 8] & (0x80 >> (i % 8)))
+            return -1;
+    return 0;
+}
+
+int cidr_match(const struct cidr *c, const struct sockaddr_storage *sa)
+{
+    const uint8_t *a;
+    static const uint8_t v4mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    unsigned full, rest;
+
+    if (sa->ss_family == AF_INET) {
+        if (c->family != AF_INET)
+            return 0;
+        a = (const uint8_t *)&((const struct sockaddr_in *)sa)->sin_addr;
+    } else if (sa->ss_family == AF_INET6) {
+        a = ((const struct sockaddr_in6 *)sa)->sin6_addr.s6_addr;
+        if (c->family == AF_INET) {
+            if (memcmp(a, v4mapped, 12) != 0)
+                return 0;
+            a += 12;
+        }
+    } else {
+        return 0;
+    }
+    full = c->bits / 8;
+    rest = c->bits % 8;
+    if (memcmp(a, c->addr, full) != 0)
+        return 0;
+    if (rest && ((a[full] ^ c->addr[full]) & (0xff00 >> rest) & 0xff))
+        return 0;
+    return 1;
+}
+
+/* Splits a comma-separated list, trimming blanks; calls fn for each item. */
+static int for_each_item(struct parse *p, const char *key, const char *v,
+                         int (*fn)(struct parse *, const char *, const char *))
+{
+    char *copy = xstrdup(v), *save = NULL, *item;
+    int n = 0, rc = 0;
+
+    for (item = strtok_r(copy, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+        while (*item == ' ' || *item == '\t')
+            item++;
+        size_t l = strlen(item);
+        while (l > 0 && (item[l - 1] == ' ' || item[l - 1] == '\t'))
+            item[--l] = '\0';
+        if (l == 0)
+            continue;
+        n++;
+        if (fn(p, key, item) == -1)
+            rc = -1;
+    }
+    free(copy);
+    if (n == 0 && rc == 0) {
+        perr(p, p->rd.line, "[%s] key '%s': empty list", p->cur_section, key);
+        rc = -1;
+    }
+    return rc;
+}
+
+static int add_listen(struct parse *p, const char *key, const char *item)
+{
+    struct listener_cfg *li = p->li;
+    char *h, *port;
+
+    if (config_split_hostport(item, &h, &port) == -1) {
+        perr(p, p->rd.line, "[%s] key '%s': '%s' is not host:port or [v6]:port", p->cur_section,
+             key, item);
+        return -1;
+    }
+    free(h);
+    free(port);
+    li->listen = xrealloc(li->listen, li->nlisten + 1, sizeof(char *));
+    li->listen[li->nlisten++] = xstrdup(item);
+    return 0;
+}
+
+static int add_cidr(struct parse *p, const char *key, const char *item)
+{
+    struct listener_cfg *li = p->li;
+    struct cidr c;
+
+    if (config_parse_cidr(item, &c) == -1) {
+        perr(p, p->rd.line,
+             "[%s] key '%s': '%s' is not a network (address/prefix, host bits zero)",
+             p->cur_section, key, item);
+        return -1;
+    }
+    li->allow = xrealloc(li->allow, li->nallow + 1, sizeof(struct cidr));
+    li->allow[li->nallow++] = c;
+    return 0;
+}
+
+static void set_str(char **dst, const char *v)
+{
+    free(*dst);
+    *dst = xstrdup(v);
+}
+
+enum key_kind { K_STR, K_BOOL, K_DURATION, K_UINT, K_SIZE, K_TLSVER, K_LIST, K_LEVEL, K_ENUM };
+
+/* What a bad value of each kind should have looked like. */
+static const char *const kind_help[] = {
+    [K_STR] = "a value",
+    [K_BOOL] = "yes or no",
+    [K_DURATION] = "a duration like 30s, 500ms, 5m (0.001s..7 days)",
+    [K_UINT] = "a whole number",
+    [K_SIZE] = "a size like 16k",
+    [K_TLSVER] = "1.0, 1.1, 1.2 or 1.3",
+    [K_LIST] = "a list",
+    [K_LEVEL] = "debug, info, warning or error",
+    [K_ENUM] = "one of the allowed words",
+};
+
+struct keydef {
+    const char *name;
+    enum key_kind kind;
+    size_t off;
+    unsigned max; /* K_UINT */
+    const char *const *words; /* K_ENUM, NULL-terminated */
+};
+
+static const char *const tls_words[] = {"starttls", "implicit", "none", NULL};
+static const char *const mode_words[] = {"implicit", "starttls", NULL};
+
+#define G(f) offsetof(struct config, f)
+#define U(f) offsetof(struct upstream_cfg, f)
+#define L(f) offsetof(struct listener_cfg, f)
+
+static const struct keydef global_keys[] = {
+    {"hostname", K_STR, G(hostname), 0, NULL},
+    {"user", K_STR, G(user), 0, NULL},
+    {"group", K_STR, G(group), 0, NULL},
+    {"log_level", K_LEVEL, G(log_level), 0, NULL},
+    {"syslog", K_BOOL, G(syslog), 0, NULL},
+    {"max_sessions", K_UINT, G(max_sessions), 1000000, NULL},
+    {"max_sessions_per_ip", K_UINT, G(max_sessions_per_ip), 1000000, NULL},
+    {"buffer_size", K_SIZE, G(buffer_size), 0, NULL},
+    {"handshake_timeout", K_DURATION, G(handshake_timeout), 0, NULL},
+    {"command_timeout", K_DURATION, G(command_timeout), 0, NULL},
+    {"idle_timeout", K_DURATION, G(idle_timeout), 0, NULL},
+    {"max_errors", K_UINT, G(max_errors), 1000, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static const struct keydef upstream_keys[] = {
+    {"address", K_STR, U(address), 0, NULL},
+    {"tls", K_ENUM, U(tls), 0, tls_words},
+    {"server_name", K_STR, U(server_name), 0, NULL},
+    {"ca_file", K_STR, U(ca_file), 0, NULL},
+    {"verify", K_BOOL, U(verify), 0, NULL},
+    {"cert", K_STR, U(cert), 0, NULL},
+    {"key", K_STR, U(key), 0, NULL},
+    {"min_tls", K_TLSVER, U(min_tls), 0, NULL},
+    {"connect_timeout", K_DURATION, U(connect_timeout), 0, NULL},
+    {"reply_timeout", K_DURATION, U(reply_timeout), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static const struct keydef listener_keys[] = {
+    {"listen", K_LIST, 0, 0, NULL},
+    {"mode", K_ENUM, L(mode), 0, mode_words},
+    {"cert", K_STR, L(cert), 0, NULL},
+    {"key", K_STR, L(key), 0, NULL},
+    {"min_tls", K_TLSVER, L(min_tls), 0, NULL},
+    {"allow_plaintext_from", K_LIST, 0, 0, NULL},
+    {"upstream", K_STR, L(upstream_name), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static int set_key(struct parse *p, const struct keydef *k, char *base, const char *v)
+{
+    void *field = base + k->off;
+
+    switch (k->kind) {
+    case K_STR:
+        if (*v == '\0')
+            return -1;
+        set_str(field, v);
+        return 0;
+    case K_BOOL:
+        return parse_bool(v, field);
+    case K_DURATION:
+        return parse_duration(v, field);
+    case K_UINT:
+        return parse_uint(v, k->max, field);
+    case K_SIZE:
+        return parse_size(v, field);
+    case K_TLSVER:
+        return parse_tls_version(v, field);
+    case K_LEVEL:
+        return log_level_parse(v, field);
+    case K_ENUM:
+        for (int i = 0; k->words[i]; i++) {
+            if (strcmp(v, k->words[i]) == 0) {
+                *(int *)field = i;
+                return 0;
+            }
+        }
+        return -1;
+    case K_LIST:
+        if (strcmp(k->name, "listen") == 0)
+            return for_each_item(p, k->name, v, add_listen) == -1 ? -2 : 0;
+        return for_each_item(p, k->name, v, add_cidr) == -1 ? -2 : 0;
+    }
+    return -1;
+}
+
+static void enum_help(const struct keydef *k, char *buf, size_t len)
+{
+    size_t o = 0;
+
+    buf[0] = '\0';
+    for (int i = 0; k->words[i] && o < len; i++)
+        o += (size_t)snprintf(buf + o, len - o, "%s%s", i ? " | " : "", k->words[i]);
+}
+
+static int begin_section(struct parse *p, const char *section)
+{
+    struct config *cfg = p->cfg;
+    const char *name;
+
+    snprintf(p->cur_section, sizeof(p->cur_section), "%s", section);
+    p->seen = 0;
+    p->up = NULL;
+    p->li = NULL;
+    p->in_global = 0;
+    p->bad_section = 0;
+    if (strcmp(section, "global") == 0) {
+        p->in_global = 1;
+        return 0;
+    }
+    if (strncmp(section, "upstream", 8) == 0 && (section[8] == '\0' || section[8] == ' ')) {
+        name = section[8] ? section + 9 : "";
+        while (*name == ' ')
+            name++;
+        for (size_t i = 0; i < cfg->nupstreams; i++) {
+            if (strcmp(cfg->upstreams[i].name, name) == 0) {
+                perr(p, p->rd.line, "[%s]: section defined twice (first at line %d)", section,
+                     cfg->upstreams[i].line);
+                p->bad_section = 1;
+                return -1;
+            }
+        }
+        if (cfg->nupstreams >= MAX_SECTIONS) {
+            perr(p, p->rd.line, "[%s]: too many upstream sections", section);
+            p->bad_section = 1;
+            return -1;
+        }
+        cfg->upstreams = xrealloc(cfg->upstreams, cfg->nupstreams + 1, sizeof(*cfg->upstreams));
+        p->up = &cfg->upstreams[cfg->nupstreams++];
+        memset(p->up, 0, sizeof(*p->up));
+        p->up->name = xstrdup(name);
+        p->up->line = p->rd.line;
+        p->up->tls = UPSTREAM_TLS_STARTTLS;
+        p->up->verify = 1;
+        p->up->min_tls = TLS_V12;
+        p->up->connect_timeout = 10;
+        p->up->reply_timeout = 30;
+        return 0;
+    }
+    if (strncmp(section, "listener ", 9) == 0) {
+        name = section + 9;
+        while (*name == ' ')
+            name++;
+        if (*name == '\0') {
+            perr(p, p->rd.line, "[%s]: a listener needs a name: [listener NAME]", section);
+            p->bad_section = 1;
+            return -1;
+        }
+        for (size_t i = 0; i < cfg->nlisteners; i++) {
+            if (strcmp(cfg->listeners[i].name, name) == 0) {
+                perr(p, p->rd.line, "[%s]: section defined twice (first at line %d)", section,
+                     cfg->listeners[i].line);
+                p->bad_section = 1;
+                return -1;
+            }
+        }
+        if (cfg->nlisteners >= MAX_SECTIONS) {
+            perr(p, p->rd.line, "[%s]: too many listener sections", section);
+            p->bad_section = 1;
+            return -1;
+        }
+        cfg->listeners = xrealloc(cfg->listeners, cfg->nlisteners + 1, sizeof(*cfg->listeners));
+        p->li = &cfg->listeners[cfg->nlisteners++];
+        memset(p->li, 0, sizeof(*p->li));
+        p->li->name = xstrdup(name);
+        p->li->line = p->rd.line;
+        p->li->mode = (enum listener_mode)-1;
+        p->li->min_tls = TLS_V12;
+        return 0;
+    }
+    perr(p, p->rd.line,
+         "[%s]: unknown section (expected [global], [upstream], [upstream NAME] or "
+         "[listener NAME])",
+         section);
+    p->bad_section = 1;
+    return -1;
+}
+
+static int handler(void *user, const char *section, const char *name, const char *value)
+{
+    struct parse *p = user;
+    const struct keydef *keys;
+    char *base;
+    int rc;
+
+    (void)section;
+    section = p->cur_section;
+    if (p->bad_section)
+        return 1;
+    if (p->in_global) {
+        keys = global_keys;
+        base = (char *)p->cfg;
+    } else if (p->up) {
+        keys = upstream_keys;
+        base = (char *)p->up;
+    } else if (p->li) {
+        keys = listener_keys;
+        base = (char *)p->li;
+    } else {
+        perr(p, p->rd.line, "key '%s' outside of any section (put it under [global])", name);
+        return 1;
+    }
+    for (size_t i = 0; keys[i].name; i++) {
+        if (strcmp(keys[i].name, name) != 0)
+            continue;
+        if ((p->seen & (1ULL << i)) && keys[i].kind != K_LIST) {
+            perr(p, p->rd.line, "[%s] key '%s': set twice in this section", section, name);
+            return 1;
+        }
+        p->seen |= 1ULL << i;
+        rc = set_key(p, &keys[i], base, value);
+        if (rc == -1) {
+            char help[128];
+            const char *want = kind_help[keys[i].kind];
+            if (keys[i].kind == K_ENUM) {
+                enum_help(&keys[i], help, sizeof(help));
+                want = help;
+            }
+            char q[200];
+            log_quote(q, sizeof(q), value, strlen(value));
+            perr(p, p->rd.line, "[%s] key '%s': bad value %s, expected %s", section, name, q,
+                 want);
+        }
+        return 1;
+    }
+    perr(p, p->rd.line, "[%s] key '%s': unknown key", section, name);
+    return 1;
+}
+
+static void check_readable(struct parse *p, int line, const char *section, const char *key,
+                           const char *path)
+{
+    if (path != NULL && access(path, R_OK) == -1)
+        perr(p, line, "[%s] key '%s': cannot read '%s': %s", section, key, path,
+             strerror(errno));
+}
+
+static void validate(struct parse *p)
+{
+    struct config *cfg = p->cfg;
+    char sec[160];
+
+    if (cfg->buffer_size < 4096 || cfg->buffer_size > 1024 * 1024)
+        perr(p, 0, "[global] key 'buffer_size': must be between 4k and 1m");
+    if (cfg->nupstreams == 0)
+        perr(p, 0, "no [upstream] section: where should mail go?");
+    if (cfg->nlisteners == 0)
+        perr(p, 0, "no [listener NAME] section: nothing to listen on");
+    for (size_t i = 0; i < cfg->nupstreams; i++) {
+        struct upstream_cfg *u = &cfg->upstreams[i];
+        snprintf(sec, sizeof(sec), "upstream%s%s", u->name[0] ? " " : "", u->name);
+        if (u->address == NULL) {
+            perr(p, u->line, "[%s]: missing required key 'address'", sec);
+        } else if (config_split_hostport(u->address, &u->host, &u->port) == -1) {
+            perr(p, u->line, "[%s] key 'address': '%s' is not host:port or [v6]:port", sec,
+                 u->address);
+        }
+        if (u->server_name == NULL && u->host != NULL)
+            u->server_name = xstrdup(u->host);
+        if (u->ca_file == NULL)
+            u->ca_file = xstrdup("/etc/ssl/certs/ca-certificates.crt");
+        if (u->min_tls < TLS_V12)
+            perr(p, u->line, "[%s] key 'min_tls': the upstream floor cannot be below 1.2", sec);
+        if ((u->cert == NULL) != (u->key == NULL))
+            perr(p, u->line, "[%s]: 'cert' and 'key' must be set together", sec);
+        if (u->tls != UPSTREAM_TLS_NONE) {
+            if (u->verify)
+                check_readable(p, u->line, sec, "ca_file", u->ca_file);
+            check_readable(p, u->line, sec, "cert", u->cert);
+            check_readable(p, u->line, sec, "key", u->key);
+        }
+    }
+    for (size_t i = 0; i < cfg->nlisteners; i++) {
+        struct listener_cfg *li = &cfg->listeners[i];
+        snprintf(sec, sizeof(sec), "listener %s", li->name);
+        if (li->nlisten == 0)
+            perr(p, li->line, "[%s]: missing required key 'listen'", sec);
+        if ((int)li->mode == -1)
+            perr(p, li->line, "[%s]: missing required key 'mode' (implicit | starttls)", sec);
+        if (li->cert == NULL)
+            perr(p, li->line, "[%s]: missing required key 'cert'", sec);
+        if (li->key == NULL)
+            perr(p, li->line, "[%s]: missing required key 'key'", sec);
+        check_readable(p, li->line, sec, "cert", li->cert);
+        check_readable(p, li->line, sec, "key", li->key);
+        if (li->min_tls < TLS_V11)
+            perr(p, li->line,
+                 "[%s] key 'min_tls': TLS 1.0 is not available in this build (lowest is 1.1)",
+                 sec);
+        if (li->nallow > 0 && li->mode == LISTENER_IMPLICIT)
+            perr(p, li->line,
+                 "[%s] key 'allow_plaintext_from': only meaningful on a starttls listener", sec);
+        const char *want = li->upstream_name ? li->upstream_name : "";
+        for (size_t j = 0; j < cfg->nupstreams; j++)
+            if (strcmp(cfg->upstreams[j].name, want) == 0)
+                li->upstream = &cfg->upstreams[j];
+        if (li->upstream == NULL && cfg->nupstreams > 0) {
+            if (li->upstream_name)
+                perr(p, li->line, "[%s] key 'upstream': no section [upstream %s]", sec, want);
+            else
+                perr(p, li->line,
+                     "[%s]: no unnamed [upstream] section; set 'upstream = NAME' to pick one",
+                     sec);
+        }
+        for (size_t k = 0; k < li->nlisten; k++)
+            for (size_t j = 0; j < i; j++)
+                for (size_t m = 0; m < cfg->listeners[j].nlisten; m++)
+                    if (strcmp(li->listen[k], cfg->listeners[j].listen[m]) == 0)
+                        perr(p, li->line, "[%s] key 'listen': %s is also used by [listener %s]",
+                             sec, li->listen[k], cfg->listeners[j].name);
+    }
+    if (cfg->hostname == NULL) {
+        char h[256];
+        if (gethostname(h, sizeof(h)) == -1 || h[0] == '\0')
+            snprintf(h, sizeof(h), "localhost");
+        h[sizeof(h) - 1] = '\0';
+        cfg->hostname = xstrdup(h);
+    }
+    for (const char *c = cfg->hostname; *c; c++) {
+        if (*c <= ' ' || *c >= 0x7f) {
+            perr(p, 0, "[global] key 'hostname': must not contain spaces or control characters");
+            break;
+        }
+    }
+}
+
+static struct config *parse_text(const char *text, const char *name)
+{
+    struct parse p;
+    struct config *cfg = calloc(1, sizeof(*cfg));
+    int rc;
+
+    if (cfg == NULL)
+        return NULL;
+    cfg->path = xstrdup(name);
+    cfg->log_level = LOG_LVL_INFO;
+    cfg->max_sessions = 1000;
+    cfg->max_sessions_per_ip = 20;
+    cfg->buffer_size = 16 * 1024;
+    cfg->handshake_timeout = 10;
+    cfg->command_timeout = 60;
+    cfg->idle_timeout = 300;
+    cfg->max_errors = 10;
+
+    memset(&p, 0, sizeof(p));
+    p.cfg = cfg;
+    p.file = name;
+    p.rd.p = text;
+    rc = ini_parse_stream(reader, &p, handler, &p);
+    if (rc > 0)
+        perr(&p, rc, "syntax error (expected [section], key = value, or a comment)");
+    else if (rc < 0)
+        perr(&p, 0, "cannot parse (out of memory)");
+    if (p.errors == 0)
+        validate(&p);
+    if (p.errors > 0) {
+        config_free(cfg);
+        return NULL;
+    }
+    return cfg;
+}
+
+struct config *config_parse_string(const char *text, const char *name)
+{
+    return parse_text(text, name);
+}
+
+struct config *config_load(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    char *text;
+    size_t n;
+    struct config *cfg;
+
+    if (f == NULL) {
+        fprintf(stderr, "%s: cannot open: %s\n", path, strerror(errno));
+        return NULL;
+    }
+    text = malloc(MAX_FILE + 1);
+    if (text == NULL) {
+        fclose(f);
+        return NULL;
+    }
+    n = fread(text, 1, MAX_FILE + 1, f);
+    fclose(f);
+    if (n > MAX_FILE) {
+        fprintf(stderr, "%s: larger than %d bytes\n", path, MAX_FILE);
+        free(text);
+        return NULL;
+    }
+    text[n] = '\0';
+    if (strlen(text) != n) {
+        fprintf(stderr, "%s: contains a NUL byte\n", path);
+        free(text);
+        return NULL;
+    }
+    cfg = parse_text(text, path);
+    free(text);
+    return cfg;
+}
+
+void config_free(struct config *cfg)
+{
+    if (cfg == NULL)
+        return;
+    for (size_t i = 0; i < cfg->nupstreams; i++) {
+        struct upstream_cfg *u = &cfg->upstreams[i];
+        free(u->name);
+        free(u->address);
+        free(u->host);
+        free(u->port);
+        free(u->server_name);
+        free(u->ca_file);
+        free(u->cert);
+        free(u->key);
+    }
+    for (size_t i = 0; i < cfg->nlisteners; i++) {
+        struct listener_cfg *li = &cfg->listeners[i];
+        free(li->name);
+        for (size_t j = 0; j < li->nlisten; j++)
+            free(li->listen[j]);
+        free(li->listen);
+        free(li->cert);
+        free(li->key);
+        free(li->allow);
+        free(li->upstream_name);
+    }
+    free(cfg->upstreams);
+    free(cfg->listeners);
+    free(cfg->path);
+    free(cfg->hostname);
+    free(cfg->user);
+    free(cfg->group);
+    free(cfg);
+}
+
+static const char *tls_name(int v)
+{
+    switch (v) {
+    case TLS_V10:
+        return "1.0";
+    case TLS_V11:
+        return "1.1";
+    case TLS_V13:
+        return "1.3";
+    default:
+        return "1.2";
+    }
+}
+
+static void dump_cidrs(const struct listener_cfg *li, FILE *out)
+{
+    char a[INET6_ADDRSTRLEN];
+
+    for (size_t i = 0; i < li->nallow; i++) {
+        inet_ntop(li->allow[i].family, li->allow[i].addr, a, sizeof(a));
+        fprintf(out, "%s%s/%u", i ? ", " : "", a, li->allow[i].bits);
+    }
+}
+
+void config_dump(const struct config *cfg, FILE *out)
+{
+    static const char *const lvl[] = {"debug", "info", "warning", "error"};
+
+    fprintf(out, "[global]\nhostname = %s\n", cfg->hostname);
+    if (cfg->user)
+        fprintf(out, "user = %s\n", cfg->user);
+    if (cfg->group)
+        fprintf(out, "group = %s\n", cfg->group);
+    fprintf(out,
+            "log_level = %s\nsyslog = %s\nmax_sessions = %u\nmax_sessions_per_ip = %u\n"
+            "buffer_size = %zu\nhandshake_timeout = %gs\ncommand_timeout = %gs\n"
+            "idle_timeout = %gs\nmax_errors = %u\n",
+            lvl[cfg->log_level], cfg->syslog ? "yes" : "no", cfg->max_sessions,
+            cfg->max_sessions_per_ip, cfg->buffer_size, cfg->handshake_timeout,
+            cfg->command_timeout, cfg->idle_timeout, cfg->max_errors);
+    for (size_t i = 0; i < cfg->nupstreams; i++) {
+        const struct upstream_cfg *u = &cfg->upstreams[i];
+        fprintf(out, "\n[upstream%s%s]\naddress = %s\ntls = %s\nserver_name = %s\n",
+                u->name[0] ? " " : "", u->name, u->address, tls_words[u->tls], u->server_name);
+        fprintf(out, "ca_file = %s\nverify = %s\n", u->ca_file, u->verify ? "yes" : "no");
+        if (u->cert)
+            fprintf(out, "cert = %s\nkey = %s\n", u->cert, u->key);
+        fprintf(out, "min_tls = %s\nconnect_timeout = %gs\nreply_timeout = %gs\n",
+                tls_name(u->min_tls), u->connect_timeout, u->reply_timeout);
+    }
+    for (size_t i = 0; i < cfg->nlisteners; i++) {
+        const struct listener_cfg *li = &cfg->listeners[i];
+        fprintf(out, "\n[listener %s]\nlisten = ", li->name);
+        for (size_t j = 0; j < li->nlisten; j++)
+            fprintf(out, "%s%s", j ? ", " : "", li->listen[j]);
+        fprintf(out, "\nmode = %s\ncert = %s\nkey = %s\nmin_tls = %s\n", mode_words[li->mode],
+                li->cert, li->key, tls_name(li->min_tls));
+        if (li->nallow) {
+            fprintf(out, "allow_plaintext_from = ");
+            dump_cidrs(li, out);
+            fputc('\n', out);
+        }
+        if (li->upstream_name)
+            fprintf(out, "upstream = %s\n", li->upstream_name);
+    }
+}

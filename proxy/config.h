@@ -1,0 +1,111 @@
+/*
+ * config.h - the INI configuration, parsed with inih into validated structs.
+ *
+ * config_load() reports every problem it finds on stderr as
+ * "FILE:LINE: [section] key 'name': problem" and returns NULL if there was
+ * any; a returned config is complete (defaults filled in) and consistent.
+ */
+#ifndef SMTPBRIDGE_CONFIG_H
+#define SMTPBRIDGE_CONFIG_H
+
+#include <netinet/in.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "log.h"
+
+enum upstream_tls { UPSTREAM_TLS_STARTTLS = 0, UPSTREAM_TLS_IMPLICIT, UPSTREAM_TLS_NONE };
+enum listener_mode { LISTENER_IMPLICIT = 0, LISTENER_STARTTLS };
+
+/* TLS versions as minor numbers: 1.1 -> 11, 1.2 -> 12, 1.3 -> 13. */
+#define TLS_V10 10
+#define TLS_V11 11
+#define TLS_V12 12
+#define TLS_V13 13
+
+struct cidr {
+    int family; /* AF_INET or AF_INET6 */
+    uint8_t addr[16];
+    unsigned bits;
+};
+
+struct upstream_cfg {
+    char *name; /* "" for the default [upstream] */
+    int line;   /* line of the section header */
+    char *address;
+    char *host; /* host part of address (brackets removed) */
+    char *port;
+    enum upstream_tls tls;
+    char *server_name;
+    char *ca_file;
+    int verify;
+    char *cert, *key;
+    int min_tls;
+    double connect_timeout, reply_timeout;
+};
+
+struct listener_cfg {
+    char *name;
+    int line;
+    char **listen; /* "host:port" strings as written */
+    size_t nlisten;
+    enum listener_mode mode;
+    char *cert, *key;
+    int min_tls;
+    struct cidr *allow;
+    size_t nallow;
+    char *upstream_name; /* NULL: the default upstream */
+    struct upstream_cfg *upstream;
+};
+
+struct config {
+    char *path;
+    char *hostname;
+    char *user, *group;
+    enum log_level log_level;
+    int syslog;
+    unsigned max_sessions, max_sessions_per_ip;
+    size_t buffer_size;
+    double handshake_timeout, command_timeout, idle_timeout;
+    unsigned max_errors;
+    struct upstream_cfg *upstreams;
+    size_t nupstreams;
+    struct listener_cfg *listeners;
+    size_t nlisteners;
+};
+
+/*
+ * config_load(path): reads and validates the file. Certificate and key files
+ * are checked to exist and be readable here; whether they parse and match is
+ * checked when TLS contexts are built (tls.c). Returns a config to be freed
+ * with config_free(), or NULL after printing every error found.
+ */
+struct config *config_load(const char *path);
+
+/* config_parse_string(text, name): as config_load, from memory (tests, fuzzing). */
+struct config *config_parse_string(const char *text, const char *name);
+
+/* Frees everything config_load() allocated. NULL is a no-op. */
+void config_free(struct config *cfg);
+
+/* Writes the effective configuration (defaults included) as INI. */
+void config_dump(const struct config *cfg, FILE *out);
+
+/*
+ * config_parse_cidr(s, &out): "10.0.0.0/8", "fd00::/8" or a bare address
+ * (host route). Host bits beyond the prefix must be zero. Returns 0 or -1.
+ */
+int config_parse_cidr(const char *s, struct cidr *out);
+
+/* cidr_match(c, sa): does the socket address fall inside c? (v4-mapped v6
+ * addresses match IPv4 networks.) */
+int cidr_match(const struct cidr *c, const struct sockaddr_storage *sa);
+
+/*
+ * config_split_hostport(s, &host, &port): "host:port" or "[v6]:port" into two
+ * malloc'd strings. Returns 0, or -1 with nothing allocated.
+ */
+int config_split_hostport(const char *s, char **host, char **port);
+
+#endif

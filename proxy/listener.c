@@ -1,0 +1,292 @@
+/*
+ * listener.c - the runtime (TLS contexts, resolved upstreams, bound sockets)
+ * and the accept path: accept4 in a bounded loop, session caps with a 421
+ * before any greeting, and a pause instead of a spin when file descriptors
+ * run out.
+ */
+#include "listener.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "session.h"
+
+#define ACCEPTS_PER_EVENT 64
+#define R_TOO_MANY "421 4.7.0 Too many connections, try again later\r\n"
+
+static struct runtime *active; /* the runtime whose listeners accept */
+static ev_timer resume_timer;
+static int paused;
+
+static int resolve(struct upstream_rt *up)
+{
+    struct addrinfo hints, *res = NULL;
+    int rc;
+
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_protocol = IPPROTO_TCP;
+    rc = getaddrinfo(up->cfg->host, up->cfg->port, &hints, &res);
+    if (rc != 0) {
+        snprintf(up->resolve_err, sizeof(up->resolve_err), "%s", gai_strerror(rc));
+        return -1;
+    }
+    up->ai = res;
+    return 0;
+}
+
+static int bind_one(struct listener *li, const char *spec)
+{
+    struct addrinfo hints, *res = NULL;
+    char *host = NULL, *port = NULL;
+    int fd = -1, one = 1, rc;
+    const char *h;
+
+    if (config_split_hostport(spec, &host, &port) == -1)
+        return -1;
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE;
+    h = (strcmp(host, "*") == 0) ? NULL : host;
+    rc = getaddrinfo(h, port, &hints, &res);
+    if (rc != 0) {
+        log_msg(LOG_LVL_ERROR, 0, "event=bind_failed listener=%s address=%s error=\"%s\"",
+                li->cfg->name, spec, gai_strerror(rc));
+        goto fail;
+    }
+    fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd == -1)
+        goto syserr;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    /* [::]:465 and 0.0.0.0:465 are separate sockets; keep v6 to v6. */
+    if (res->ai_family == AF_INET6)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+    if (bind(fd, res->ai_addr, res->ai_addrlen) == -1 || listen(fd, 511) == -1)
+        goto syserr;
+    li->fds[li->nfds++] = fd;
+    freeaddrinfo(res);
+    free(host);
+    free(port);
+    return 0;
+syserr:
+    log_msg(LOG_LVL_ERROR, 0, "event=bind_failed listener=%s address=%s error=\"%s\"",
+            li->cfg->name, spec, strerror(errno));
+fail:
+    if (fd != -1)
+        close(fd);
+    if (res)
+        freeaddrinfo(res);
+    free(host);
+    free(port);
+    return -1;
+}
+
+static void accept_cb(struct ev_loop *loop, ev_io *w, int revents);
+
+struct runtime *runtime_build(struct config *cfg, int bind_sockets)
+{
+    struct runtime *rt = calloc(1, sizeof(*rt));
+    char err[512];
+    int failed = 0;
+
+    if (rt == NULL) {
+        config_free(cfg);
+        return NULL;
+    }
+    rt->cfg = cfg;
+    rt->refs = 1;
+    rt->ups = calloc(cfg->nupstreams, sizeof(*rt->ups));
+    rt->lis = calloc(cfg->nlisteners, sizeof(*rt->lis));
+    if (rt->ups == NULL || rt->lis == NULL) {
+        runtime_unref(rt);
+        return NULL;
+    }
+    rt->nups = cfg->nupstreams;
+    rt->nlis = cfg->nlisteners;
+    for (size_t i = 0; i < rt->nups; i++) {
+        struct upstream_rt *up = &rt->ups[i];
+        up->cfg = &cfg->upstreams[i];
+        if (up->cfg->tls != UPSTREAM_TLS_NONE) {
+            up->ctx = tls_client_ctx(up->cfg, err, sizeof(err));
+            if (up->ctx == NULL) {
+                fprintf(stderr, "%s:%d: [upstream%s%s] %s\n", cfg->path, up->cfg->line,
+                        up->cfg->name[0] ? " " : "", up->cfg->name, err);
+                failed = 1;
+            }
+        }
+        if (resolve(up) == -1)
+            log_msg(LOG_LVL_WARNING, 0,
+                    "event=resolve_failed upstream=%s error=\"%s\" (sessions will get 421)",
+                    up->cfg->address, up->resolve_err);
+    }
+    for (size_t i = 0; i < rt->nlis; i++) {
+        struct listener *li = &rt->lis[i];
+        li->cfg = &cfg->listeners[i];
+        li->rt = rt;
+        for (size_t j = 0; j < rt->nups; j++)
+            if (rt->ups[j].cfg == li->cfg->upstream)
+                li->up = &rt->ups[j];
+        li->ctx = tls_server_ctx(li->cfg, err, sizeof(err));
+        if (li->ctx == NULL) {
+            fprintf(stderr, "%s:%d: [listener %s] %s\n", cfg->path, li->cfg->line, li->cfg->name,
+                    err);
+            failed = 1;
+        }
+        li->fds = calloc(li->cfg->nlisten, sizeof(int));
+        li->watchers = calloc(li->cfg->nlisten, sizeof(ev_io));
+        if (li->fds == NULL || li->watchers == NULL) {
+            failed = 1;
+            continue;
+        }
+        if (!bind_sockets)
+            continue;
+        for (size_t j = 0; j < li->cfg->nlisten; j++) {
+            if (bind_one(li, li->cfg->listen[j]) == -1) {
+                failed = 1;
+                continue;
+            }
+            ev_io_init(&li->watchers[li->nfds - 1], accept_cb, li->fds[li->nfds - 1], EV_READ);
+            li->watchers[li->nfds - 1].data = li;
+        }
+    }
+    if (failed) {
+        runtime_unref(rt);
+        return NULL;
+    }
+    return rt;
+}
+
+void runtime_unref(struct runtime *rt)
+{
+    if (rt == NULL || --rt->refs > 0)
+        return;
+    for (size_t i = 0; i < rt->nlis; i++) {
+        struct listener *li = &rt->lis[i];
+        for (size_t j = 0; j < li->nfds; j++) {
+            ev_io_stop(EV_DEFAULT, &li->watchers[j]);
+            close(li->fds[j]);
+        }
+        free(li->fds);
+        free(li->watchers);
+        if (li->ctx)
+            wolfSSL_CTX_free(li->ctx);
+    }
+    for (size_t i = 0; i < rt->nups; i++) {
+        if (rt->ups[i].ctx)
+            wolfSSL_CTX_free(rt->ups[i].ctx);
+        if (rt->ups[i].ai)
+            freeaddrinfo(rt->ups[i].ai);
+    }
+    free(rt->lis);
+    free(rt->ups);
+    config_free(rt->cfg);
+    free(rt);
+}
+
+static void set_watchers(struct runtime *rt, int on)
+{
+    for (size_t i = 0; i < rt->nlis; i++)
+        for (size_t j = 0; j < rt->lis[i].nfds; j++) {
+            if (on)
+                ev_io_start(EV_DEFAULT, &rt->lis[i].watchers[j]);
+            else
+                ev_io_stop(EV_DEFAULT, &rt->lis[i].watchers[j]);
+        }
+}
+
+static void resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)w;
+    (void)revents;
+    paused = 0;
+    if (active)
+        set_watchers(active, 1);
+}
+
+void listener_start(struct runtime *rt)
+{
+    active = rt;
+    ev_init(&resume_timer, resume_cb);
+    set_watchers(rt, 1);
+}
+
+void listener_stop(struct runtime *rt)
+{
+    set_watchers(rt, 0);
+    ev_timer_stop(EV_DEFAULT, &resume_timer);
+    if (active == rt)
+        active = NULL;
+}
+
+/*
+ * Out of file descriptors: the pending connection stays in the backlog and
+ * the listening fd stays readable, so accepting again at once would spin.
+ * Stop accepting for a second instead (sessions ending free descriptors).
+ */
+static void pause_accepting(struct runtime *rt, int err)
+{
+    if (paused)
+        return;
+    paused = 1;
+    log_msg(LOG_LVL_WARNING, 0, "event=accept_paused error=\"%s\" sessions=%u seconds=1",
+            strerror(err), session_count());
+    set_watchers(rt, 0);
+    ev_timer_set(&resume_timer, 1.0, 0.);
+    ev_timer_start(EV_DEFAULT, &resume_timer);
+}
+
+static int over_cap(const struct config *cfg, const struct sockaddr_storage *peer,
+                    const char **why)
+{
+    if (cfg->max_sessions && session_count() >= cfg->max_sessions) {
+        *why = "max_sessions";
+        return 1;
+    }
+    if (cfg->max_sessions_per_ip && session_count_ip(peer) >= cfg->max_sessions_per_ip) {
+        *why = "max_sessions_per_ip";
+        return 1;
+    }
+    return 0;
+}
+
+static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    struct listener *li = w->data;
+    const struct config *cfg = li->rt->cfg;
+    struct sockaddr_storage ss;
+    socklen_t len;
+    const char *why;
+    int fd, one = 1;
+
+    (void)loop;
+    (void)revents;
+    for (int i = 0; i < ACCEPTS_PER_EVENT; i++) {
+        len = sizeof(ss);
+        fd = accept4(w->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd == -1) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+                pause_accepting(li->rt, errno);
+            return;
+        }
+        if (over_cap(cfg, &ss, &why)) {
+            log_msg(LOG_LVL_WARNING, 0, "event=reject listener=%s cap=%s", li->cfg->name, why);
+            /* Plaintext listeners get a reply; on an implicit-TLS port any
+             * plaintext would be garbage to the client, so just close. */
+            if (li->cfg->mode == LISTENER_STARTTLS)
+                (void)!send(fd, R_TOO_MANY, strlen(R_TOO_MANY), MSG_DONTWAIT | MSG_NOSIGNAL);
+            close(fd);
+            continue;
+        }
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        session_new(li, fd, &ss);
+    }
+}

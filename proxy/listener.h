@@ -1,0 +1,15 @@
+/*
+ * listener.h - listening sockets and the accept path (caps, EMFILE).
+ */
+#ifndef SMTPBRIDGE_LISTENER_H
+#define SMTPBRIDGE_LISTENER_H
+
+#include "runtime.h"
+
+/* Starts accepting on every socket of rt. */
+void listener_start(struct runtime *rt);
+
+/* Stops accepting (sockets stay open until the runtime is freed). */
+void listener_stop(struct runtime *rt);
+
+#endif

@@ -1,0 +1,240 @@
+/*
+ * main.c - command line, configuration, privileges, signals, the loop.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <grp.h>
+#include <pwd.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "listener.h"
+#include "log.h"
+#include "runtime.h"
+#include "session.h"
+#include "tls.h"
+
+#ifndef SMTPBRIDGE_VERSION
+#define SMTPBRIDGE_VERSION "0.1.0"
+#endif
+#define DEFAULT_CONFIG "/etc/smtpbridge/smtpbridge.conf"
+
+static struct runtime *rt;
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "Usage: smtpbridge [-c FILE] [-t] [-d] [-V] [-h]\n"
+            "TLS-terminating SMTP proxy: clients on 465 (implicit TLS) or 2525 (STARTTLS)\n"
+            "reach an upstream submission server over verified STARTTLS.\n\n"
+            "  -c, --config FILE  configuration file (default %s)\n"
+            "  -t, --test         check the configuration (and load certificates),\n"
+            "                     print the effective configuration, exit 0 or 1\n"
+            "  -d, --debug        log at debug level (overrides log_level)\n"
+            "  -V, --version      print the version and exit\n"
+            "  -h, --help         this text\n\n"
+            "Runs in the foreground and logs to stderr. Signals: TERM/INT stop.\n",
+            DEFAULT_CONFIG);
+}
+
+static void startup_warnings(const struct config *cfg)
+{
+    for (size_t i = 0; i < cfg->nlisteners; i++) {
+        const struct listener_cfg *li = &cfg->listeners[i];
+        if (li->min_tls < TLS_V12)
+            log_msg(LOG_LVL_WARNING, 0,
+                    "event=config_warning listener=%s msg=\"min_tls = 1.%d accepts obsolete TLS "
+                    "versions (for legacy devices only)\"",
+                    li->name, li->min_tls % 10);
+        if (li->nallow > 0)
+            log_msg(LOG_LVL_WARNING, 0,
+                    "event=config_warning listener=%s msg=\"allow_plaintext_from lets %zu "
+                    "network(s) send mail without TLS\"",
+                    li->name, li->nallow);
+    }
+    for (size_t i = 0; i < cfg->nupstreams; i++) {
+        const struct upstream_cfg *u = &cfg->upstreams[i];
+        if (u->tls == UPSTREAM_TLS_NONE)
+            log_msg(LOG_LVL_WARNING, 0,
+                    "event=config_warning upstream=%s msg=\"tls = none: mail and passwords go "
+                    "to the upstream in plaintext\"",
+                    u->address);
+        else if (!u->verify)
+            log_msg(LOG_LVL_WARNING, 0,
+                    "event=config_warning upstream=%s msg=\"verify = no: the upstream's "
+                    "certificate and name are not checked\"",
+                    u->address);
+    }
+}
+
+/* Drops root after binding and loading keys; verified (setuid(0) must fail). */
+static int drop_privileges(const struct config *cfg)
+{
+    struct passwd *pw;
+    struct group *gr;
+    gid_t gid;
+
+    if (cfg->user == NULL) {
+        if (geteuid() == 0)
+            log_msg(LOG_LVL_WARNING, 0,
+                    "event=config_warning msg=\"running as root: set 'user' in [global]\"");
+        return 0;
+    }
+    if (geteuid() != 0) {
+        log_msg(LOG_LVL_WARNING, 0,
+                "event=config_warning msg=\"not started as root; 'user = %s' ignored\"",
+                cfg->user);
+        return 0;
+    }
+    errno = 0;
+    pw = getpwnam(cfg->user);
+    if (pw == NULL) {
+        fprintf(stderr, "%s: [global] key 'user': no such user '%s'\n", cfg->path, cfg->user);
+        return -1;
+    }
+    gid = pw->pw_gid;
+    if (cfg->group != NULL) {
+        gr = getgrnam(cfg->group);
+        if (gr == NULL) {
+            fprintf(stderr, "%s: [global] key 'group': no such group '%s'\n", cfg->path,
+                    cfg->group);
+            return -1;
+        }
+        gid = gr->gr_gid;
+    }
+    if (initgroups(pw->pw_name, gid) == -1 || setgid(gid) == -1 || setuid(pw->pw_uid) == -1) {
+        fprintf(stderr, "smtpbridge: cannot switch to user '%s': %s\n", cfg->user,
+                strerror(errno));
+        return -1;
+    }
+    if (setuid(0) != -1 || geteuid() == 0) {
+        fprintf(stderr, "smtpbridge: still root after dropping privileges\n");
+        return -1;
+    }
+    log_msg(LOG_LVL_INFO, 0, "event=privileges_dropped user=%s uid=%u gid=%u", cfg->user,
+            (unsigned)pw->pw_uid, (unsigned)gid);
+    return 0;
+}
+
+static void stop_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    (void)revents;
+    log_msg(LOG_LVL_INFO, 0, "event=shutdown signal=%s sessions=%u",
+            w->signum == SIGINT ? "INT" : "TERM", session_count());
+    listener_stop(rt);
+    session_close_all("proxy shutting down");
+    ev_break(loop, EVBREAK_ALL);
+}
+
+static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    (void)loop;
+    (void)w;
+    (void)revents;
+    log_msg(LOG_LVL_WARNING, 0,
+            "event=reload msg=\"configuration reload is not supported yet; restart to apply\"");
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"config", required_argument, NULL, 'c'}, {"test", no_argument, NULL, 't'},
+        {"debug", no_argument, NULL, 'd'},        {"version", no_argument, NULL, 'V'},
+        {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0},
+    };
+    const char *path = DEFAULT_CONFIG;
+    int test = 0, debug = 0, ch;
+    struct config *cfg;
+    struct ev_loop *loop;
+    ev_signal sig_term, sig_int, sig_hup;
+
+    while ((ch = getopt_long(argc, argv, "c:tdVh", opts, NULL)) != -1) {
+        switch (ch) {
+        case 'c':
+            path = optarg;
+            break;
+        case 't':
+            test = 1;
+            break;
+        case 'd':
+            debug = 1;
+            break;
+        case 'V':
+            printf("smtpbridge %s (wolfSSL %s)\n", SMTPBRIDGE_VERSION, wolfSSL_lib_version());
+            return 0;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 1;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "smtpbridge: unexpected argument '%s'\n", argv[optind]);
+        usage(stderr);
+        return 1;
+    }
+    signal(SIGPIPE, SIG_IGN);
+
+    cfg = config_load(path);
+    if (cfg == NULL) {
+        fprintf(stderr, "smtpbridge: %s: configuration has errors\n", path);
+        return 1;
+    }
+    log_init(debug ? LOG_LVL_DEBUG : cfg->log_level, test ? 0 : cfg->syslog);
+    if (tls_init() == -1) {
+        fprintf(stderr, "smtpbridge: cannot initialise wolfSSL\n");
+        config_free(cfg);
+        return 1;
+    }
+    loop = ev_default_loop(EVFLAG_AUTO);
+    if (loop == NULL) {
+        fprintf(stderr, "smtpbridge: cannot initialise libev\n");
+        return 1;
+    }
+    rt = runtime_build(cfg, !test);
+    if (rt == NULL) {
+        fprintf(stderr, "smtpbridge: %s: configuration has errors\n", path);
+        tls_cleanup();
+        return 1;
+    }
+    if (test) {
+        config_dump(rt->cfg, stdout);
+        fprintf(stderr, "smtpbridge: %s: configuration OK\n", path);
+        runtime_unref(rt);
+        tls_cleanup();
+        return 0;
+    }
+    startup_warnings(rt->cfg);
+    if (drop_privileges(rt->cfg) == -1) {
+        runtime_unref(rt);
+        tls_cleanup();
+        return 1;
+    }
+
+    ev_signal_init(&sig_term, stop_cb, SIGTERM);
+    ev_signal_init(&sig_int, stop_cb, SIGINT);
+    ev_signal_init(&sig_hup, hup_cb, SIGHUP);
+    ev_signal_start(loop, &sig_term);
+    ev_signal_start(loop, &sig_int);
+    ev_signal_start(loop, &sig_hup);
+    listener_start(rt);
+    size_t nsock = 0;
+    for (size_t i = 0; i < rt->nlis; i++)
+        nsock += rt->lis[i].nfds;
+    log_msg(LOG_LVL_INFO, 0, "event=ready version=%s pid=%d listeners=%zu sockets=%zu",
+            SMTPBRIDGE_VERSION, (int)getpid(), rt->nlis, nsock);
+
+    ev_run(loop, 0);
+
+    runtime_unref(rt);
+    conn_pool_trim();
+    tls_cleanup();
+    log_msg(LOG_LVL_INFO, 0, "event=exit");
+    return 0;
+}

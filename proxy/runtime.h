@@ -1,0 +1,54 @@
+/*
+ * runtime.h - what a loaded configuration becomes at run time: TLS contexts,
+ * resolved upstream addresses and bound listeners. Sessions hold a reference
+ * to the runtime they were accepted under, so that a reload can build a new
+ * one while old sessions finish on the old.
+ */
+#ifndef SMTPBRIDGE_RUNTIME_H
+#define SMTPBRIDGE_RUNTIME_H
+
+#include <ev.h>
+#include <netdb.h>
+
+#include "config.h"
+#include "tls.h"
+
+struct upstream_rt {
+    const struct upstream_cfg *cfg;
+    WOLFSSL_CTX *ctx;     /* NULL when tls = none */
+    struct addrinfo *ai;  /* resolved at start; NULL if resolution failed */
+    char resolve_err[128];
+};
+
+struct listener {
+    const struct listener_cfg *cfg;
+    struct runtime *rt;
+    WOLFSSL_CTX *ctx;
+    struct upstream_rt *up;
+    size_t nfds;
+    int *fds;
+    ev_io *watchers;
+};
+
+struct runtime {
+    struct config *cfg;
+    struct upstream_rt *ups;
+    size_t nups;
+    struct listener *lis;
+    size_t nlis;
+    unsigned refs;
+};
+
+/*
+ * runtime_build(cfg, bind_sockets): TLS contexts for every listener and
+ * upstream, upstream addresses resolved (a failure there is a warning, not an
+ * error: the upstream may come up later), and, if bind_sockets, every listen
+ * address bound. Takes ownership of cfg. Returns NULL after logging the
+ * problems (cfg freed).
+ */
+struct runtime *runtime_build(struct config *cfg, int bind_sockets);
+
+/* Drops a reference; frees everything when the last one goes. */
+void runtime_unref(struct runtime *rt);
+
+#endif

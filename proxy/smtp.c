@@ -1,0 +1,241 @@
+/*
+ * smtp.c - pure SMTP parsing (see smtp.h). No I/O, no allocation.
+ */
+#include "smtp.h"
+
+#include <string.h>
+
+static const struct {
+    const char *name;
+    size_t len;
+    enum smtp_verb verb;
+} verbs[] = {
+    {"EHLO", 4, SMTP_VERB_EHLO},         {"HELO", 4, SMTP_VERB_HELO},
+    {"STARTTLS", 8, SMTP_VERB_STARTTLS}, {"NOOP", 4, SMTP_VERB_NOOP},
+    {"RSET", 4, SMTP_VERB_RSET},         {"QUIT", 4, SMTP_VERB_QUIT},
+    {"AUTH", 4, SMTP_VERB_AUTH},         {"MAIL", 4, SMTP_VERB_MAIL},
+    {"RCPT", 4, SMTP_VERB_RCPT},         {"DATA", 4, SMTP_VERB_DATA},
+    {"BDAT", 4, SMTP_VERB_BDAT},         {"VRFY", 4, SMTP_VERB_VRFY},
+    {"EXPN", 4, SMTP_VERB_EXPN},         {"HELP", 4, SMTP_VERB_HELP},
+    {"XCLIENT", 7, SMTP_VERB_XCLIENT},
+};
+
+static int lower(int c)
+{
+    return (c >= 'A' && c <= 'Z') ? c + ('a' - 'A') : c;
+}
+
+static int ci_equal(const char *a, const char *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (lower((unsigned char)a[i]) != lower((unsigned char)b[i]))
+            return 0;
+    return 1;
+}
+
+int smtp_find_line(const char *buf, size_t len, size_t *linelen)
+{
+    const char *lf = memchr(buf, '\n', len);
+
+    if (lf == NULL)
+        return 0;
+    *linelen = (size_t)(lf - buf) + 1;
+    return 1;
+}
+
+/* Length of the line without its terminator (LF or CRLF). */
+static size_t content_len(const char *line, size_t len)
+{
+    if (len > 0 && line[len - 1] == '\n')
+        len--;
+    if (len > 0 && line[len - 1] == '\r')
+        len--;
+    return len;
+}
+
+const char *smtp_parse_command(const char *line, size_t len, struct smtp_command *cmd)
+{
+    size_t n, i, vlen;
+
+    cmd->verb = SMTP_VERB_UNKNOWN;
+    cmd->arg = NULL;
+    cmd->arg_len = 0;
+    if (len > SMTP_MAX_COMMAND_LINE)
+        return "line too long";
+    n = content_len(line, len);
+    for (i = 0; i < n; i++) {
+        if (line[i] == '\0')
+            return "NUL byte in command";
+        if (line[i] == '\r')
+            return "bare CR in command";
+        if (line[i] == '\n')
+            return "line feed inside command";
+    }
+    for (vlen = 0; vlen < n && line[vlen] != ' '; vlen++)
+        ;
+    for (i = 0; i < sizeof(verbs) / sizeof(verbs[0]); i++) {
+        if (verbs[i].len == vlen && ci_equal(line, verbs[i].name, vlen)) {
+            cmd->verb = verbs[i].verb;
+            break;
+        }
+    }
+    /* Skip the separating spaces; drop trailing spaces. */
+    i = vlen;
+    while (i < n && line[i] == ' ')
+        i++;
+    while (n > i && line[n - 1] == ' ')
+        n--;
+    if (n > i) {
+        cmd->arg = line + i;
+        cmd->arg_len = n - i;
+    }
+    return NULL;
+}
+
+const char *smtp_verb_name(enum smtp_verb verb)
+{
+    for (size_t i = 0; i < sizeof(verbs) / sizeof(verbs[0]); i++)
+        if (verbs[i].verb == verb)
+            return verbs[i].name;
+    return "unknown";
+}
+
+static int is_digit(char c)
+{
+    return c >= '0' && c <= '9';
+}
+
+enum smtp_reply_status smtp_parse_reply(const char *buf, size_t len, struct smtp_reply *reply,
+                                        const char **err)
+{
+    size_t off = 0, lines = 0, linelen, n;
+    int code = 0, c;
+
+    *err = NULL;
+    for (;;) {
+        if (!smtp_find_line(buf + off, len - off, &linelen)) {
+            if (len - off > SMTP_MAX_REPLY_LINE) {
+                *err = "reply line too long";
+                return SMTP_REPLY_ERROR;
+            }
+            /* Reject a bad prefix early rather than waiting for more bytes. */
+            for (size_t i = 0; i < len - off && i < 3; i++) {
+                if (!is_digit(buf[off + i])) {
+                    *err = "reply does not start with a 3-digit code";
+                    return SMTP_REPLY_ERROR;
+                }
+            }
+            return SMTP_REPLY_INCOMPLETE;
+        }
+        if (linelen > SMTP_MAX_REPLY_LINE) {
+            *err = "reply line too long";
+            return SMTP_REPLY_ERROR;
+        }
+        n = content_len(buf + off, linelen);
+        if (n < 3 || !is_digit(buf[off]) || !is_digit(buf[off + 1]) || !is_digit(buf[off + 2])) {
+            *err = "reply does not start with a 3-digit code";
+            return SMTP_REPLY_ERROR;
+        }
+        if (n > 3 && buf[off + 3] != ' ' && buf[off + 3] != '-') {
+            *err = "reply code not followed by space or hyphen";
+            return SMTP_REPLY_ERROR;
+        }
+        c = (buf[off] - '0') * 100 + (buf[off + 1] - '0') * 10 + (buf[off + 2] - '0');
+        if (c < 200 || c > 599 || buf[off + 1] > '5') {
+            *err = "reply code out of range";
+            return SMTP_REPLY_ERROR;
+        }
+        if (lines == 0)
+            code = c;
+        else if (c != code) {
+            *err = "reply code changes inside a multi-line reply";
+            return SMTP_REPLY_ERROR;
+        }
+        lines++;
+        off += linelen;
+        if (n == 3 || buf[off - linelen + 3] == ' ') {
+            reply->code = code;
+            reply->len = off;
+            reply->lines = lines;
+            return SMTP_REPLY_COMPLETE;
+        }
+        if (lines >= SMTP_MAX_REPLY_LINES) {
+            *err = "too many lines in reply";
+            return SMTP_REPLY_ERROR;
+        }
+    }
+}
+
+/* Does the reply line (terminator included) advertise `keyword`? */
+static int line_is_keyword(const char *line, size_t len, const char *keyword)
+{
+    size_t n = content_len(line, len), klen = strlen(keyword);
+
+    if (n < 4 + klen)
+        return 0;
+    if (!ci_equal(line + 4, keyword, klen))
+        return 0;
+    return n == 4 + klen || line[4 + klen] == ' ';
+}
+
+int smtp_ehlo_has(const char *reply, size_t len, const char *keyword)
+{
+    size_t off = 0, linelen;
+    int first = 1;
+
+    while (off < len && smtp_find_line(reply + off, len - off, &linelen)) {
+        if (!first && line_is_keyword(reply + off, linelen, keyword))
+            return 1;
+        first = 0;
+        off += linelen;
+    }
+    return 0;
+}
+
+int smtp_ehlo_filter(const char *in, size_t len, char *out, size_t outcap, const char *drop,
+                     const char *add, size_t *outlen)
+{
+    struct smtp_reply r;
+    const char *err;
+    size_t off = 0, o = 0, linelen = 0, last = 0;
+    int first = 1, have_last = 0;
+
+    if (smtp_parse_reply(in, len, &r, &err) != SMTP_REPLY_COMPLETE || r.len != len)
+        return -1;
+    while (off < len) {
+        smtp_find_line(in + off, len - off, &linelen);
+        if (!first && drop != NULL && line_is_keyword(in + off, linelen, drop)) {
+            off += linelen;
+            continue;
+        }
+        /* A bare "250" line has no marker; it gets one, so that the line can
+         * be a continuation once another line follows it. */
+        size_t extra = content_len(in + off, linelen) == 3 ? 1 : 0;
+        if (o + linelen + extra > outcap)
+            return -1;
+        memcpy(out + o, in + off, 3);
+        memcpy(out + o + 3 + extra, in + off + 3, linelen - 3);
+        out[o + 3] = '-';
+        last = o;
+        have_last = 1;
+        o += linelen + extra;
+        off += linelen;
+        first = 0;
+    }
+    if (add != NULL && !smtp_ehlo_has(out, o, add)) {
+        size_t alen = strlen(add);
+        if (o + 4 + alen + 2 > outcap)
+            return -1;
+        memcpy(out + o, in, 3);
+        out[o + 3] = '-';
+        memcpy(out + o + 4, add, alen);
+        memcpy(out + o + 4 + alen, "\r\n", 2);
+        last = o;
+        o += 4 + alen + 2;
+    }
+    if (!have_last)
+        return -1;
+    out[last + 3] = ' ';
+    *outlen = o;
+    return 0;
+}

@@ -1,0 +1,233 @@
+/*
+ * tls.c - wolfSSL contexts (see tls.h).
+ */
+#include "tls.h"
+
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <wolfssl/error-ssl.h>
+#include <wolfssl/wolfcrypt/error-crypt.h>
+
+/* TLS 1.3 suites, then TLS 1.2 AEAD suites with forward secrecy. */
+#define CIPHERS_MODERN                                                                         \
+    "TLS13-AES128-GCM-SHA256:TLS13-AES256-GCM-SHA384:TLS13-CHACHA20-POLY1305-SHA256:"          \
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"                               \
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"                               \
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+/* What old printers and scanners speak (TLS 1.0/1.1 have no AEAD suites). */
+#define CIPHERS_LEGACY                                                                         \
+    CIPHERS_MODERN ":ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA:"      \
+                   "ECDHE-RSA-AES256-SHA:AES128-GCM-SHA256:AES256-GCM-SHA384:AES128-SHA:"      \
+                   "AES256-SHA"
+
+int tls_init(void)
+{
+    return wolfSSL_Init() == WOLFSSL_SUCCESS ? 0 : -1;
+}
+
+void tls_cleanup(void)
+{
+    wolfSSL_Cleanup();
+}
+
+static int wolf_version(int v)
+{
+    switch (v) {
+    case TLS_V10:
+        return WOLFSSL_TLSV1;
+    case TLS_V11:
+        return WOLFSSL_TLSV1_1;
+    case TLS_V13:
+        return WOLFSSL_TLSV1_3;
+    default:
+        return WOLFSSL_TLSV1_2;
+    }
+}
+
+static void err_string(int code, char *buf, size_t len)
+{
+    char tmp[WOLFSSL_MAX_ERROR_SZ];
+
+    wolfSSL_ERR_error_string_n((unsigned long)code, tmp, sizeof(tmp));
+    snprintf(buf, len, "%s (%d)", tmp, code);
+}
+
+/* Key shares in order of preference: X25519 is the cheapest to compute. */
+static int set_groups(WOLFSSL_CTX *ctx)
+{
+    int groups[] = {WOLFSSL_ECC_X25519, WOLFSSL_ECC_SECP256R1, WOLFSSL_ECC_SECP384R1};
+
+    return wolfSSL_CTX_set_groups(ctx, groups, (int)(sizeof(groups) / sizeof(groups[0])));
+}
+
+WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, char *err, size_t errlen)
+{
+    WOLFSSL_CTX *ctx = wolfSSL_CTX_new(wolfSSLv23_server_method());
+    char e[160];
+    int rc;
+
+    if (ctx == NULL) {
+        snprintf(err, errlen, "cannot create TLS context");
+        return NULL;
+    }
+    if (wolfSSL_CTX_SetMinVersion(ctx, wolf_version(li->min_tls)) != WOLFSSL_SUCCESS) {
+        snprintf(err, errlen, "TLS %d.%d is not supported by this wolfSSL build",
+                 li->min_tls / 10, li->min_tls % 10);
+        goto fail;
+    }
+    if (wolfSSL_CTX_set_cipher_list(ctx, li->min_tls < TLS_V12 ? CIPHERS_LEGACY
+                                                               : CIPHERS_MODERN) !=
+        WOLFSSL_SUCCESS) {
+        snprintf(err, errlen, "cannot set cipher list");
+        goto fail;
+    }
+    if (set_groups(ctx) != WOLFSSL_SUCCESS) {
+        snprintf(err, errlen, "cannot set key-share groups");
+        goto fail;
+    }
+    rc = wolfSSL_CTX_use_certificate_chain_file(ctx, li->cert);
+    if (rc != WOLFSSL_SUCCESS) {
+        err_string(rc, e, sizeof(e));
+        snprintf(err, errlen, "key 'cert': cannot load certificate chain '%s': %s", li->cert, e);
+        goto fail;
+    }
+    rc = wolfSSL_CTX_use_PrivateKey_file(ctx, li->key, WOLFSSL_FILETYPE_PEM);
+    if (rc != WOLFSSL_SUCCESS) {
+        err_string(rc, e, sizeof(e));
+        snprintf(err, errlen, "key 'key': cannot load private key '%s': %s", li->key, e);
+        goto fail;
+    }
+    if (wolfSSL_CTX_check_private_key(ctx) != WOLFSSL_SUCCESS) {
+        snprintf(err, errlen, "key 'key': '%s' does not match the certificate in '%s'", li->key,
+                 li->cert);
+        goto fail;
+    }
+    return ctx;
+fail:
+    wolfSSL_CTX_free(ctx);
+    return NULL;
+}
+
+WOLFSSL_CTX *tls_client_ctx(const struct upstream_cfg *u, char *err, size_t errlen)
+{
+    WOLFSSL_CTX *ctx = wolfSSL_CTX_new(wolfSSLv23_client_method());
+    char e[160];
+    int rc;
+
+    if (ctx == NULL) {
+        snprintf(err, errlen, "cannot create TLS context");
+        return NULL;
+    }
+    if (wolfSSL_CTX_SetMinVersion(ctx, wolf_version(u->min_tls)) != WOLFSSL_SUCCESS) {
+        snprintf(err, errlen, "cannot set the TLS floor");
+        goto fail;
+    }
+    if (wolfSSL_CTX_set_cipher_list(ctx, CIPHERS_MODERN) != WOLFSSL_SUCCESS) {
+        snprintf(err, errlen, "cannot set cipher list");
+        goto fail;
+    }
+    if (set_groups(ctx) != WOLFSSL_SUCCESS) {
+        snprintf(err, errlen, "cannot set key-share groups");
+        goto fail;
+    }
+    if (u->verify) {
+        /* The system bundle may hold a certificate wolfSSL cannot parse; skip
+         * such entries there rather than refusing the whole store. */
+        rc = wolfSSL_CTX_load_verify_locations_ex(ctx, u->ca_file, NULL,
+                                                  WOLFSSL_LOAD_FLAG_IGNORE_ERR);
+        if (rc != WOLFSSL_SUCCESS) {
+            err_string(rc, e, sizeof(e));
+            snprintf(err, errlen, "key 'ca_file': cannot load CA certificates from '%s': %s",
+                     u->ca_file, e);
+            goto fail;
+        }
+        wolfSSL_CTX_set_verify(ctx, WOLFSSL_VERIFY_PEER, NULL);
+    } else {
+        wolfSSL_CTX_set_verify(ctx, WOLFSSL_VERIFY_NONE, NULL);
+    }
+    if (u->cert != NULL) {
+        rc = wolfSSL_CTX_use_certificate_chain_file(ctx, u->cert);
+        if (rc != WOLFSSL_SUCCESS) {
+            err_string(rc, e, sizeof(e));
+            snprintf(err, errlen, "key 'cert': cannot load certificate chain '%s': %s", u->cert,
+                     e);
+            goto fail;
+        }
+        rc = wolfSSL_CTX_use_PrivateKey_file(ctx, u->key, WOLFSSL_FILETYPE_PEM);
+        if (rc != WOLFSSL_SUCCESS) {
+            err_string(rc, e, sizeof(e));
+            snprintf(err, errlen, "key 'key': cannot load private key '%s': %s", u->key, e);
+            goto fail;
+        }
+        if (wolfSSL_CTX_check_private_key(ctx) != WOLFSSL_SUCCESS) {
+            snprintf(err, errlen, "key 'key': '%s' does not match the certificate in '%s'",
+                     u->key, u->cert);
+            goto fail;
+        }
+    }
+    return ctx;
+fail:
+    wolfSSL_CTX_free(ctx);
+    return NULL;
+}
+
+static int is_ip_literal(const char *s)
+{
+    unsigned char buf[16];
+
+    return inet_pton(AF_INET, s, buf) == 1 || inet_pton(AF_INET6, s, buf) == 1;
+}
+
+WOLFSSL *tls_client_ssl(WOLFSSL_CTX *ctx, const struct upstream_cfg *u, int fd)
+{
+    WOLFSSL *ssl = wolfSSL_new(ctx);
+    const char *name = u->server_name;
+
+    if (ssl == NULL)
+        return NULL;
+    if (wolfSSL_set_fd(ssl, fd) != WOLFSSL_SUCCESS)
+        goto fail;
+    if (is_ip_literal(name)) {
+        /* RFC 6066 3: no IP literals in SNI; check the IP SAN instead. */
+        if (u->verify &&
+            wolfSSL_X509_VERIFY_PARAM_set1_ip_asc(wolfSSL_get0_param(ssl), name) !=
+                WOLFSSL_SUCCESS)
+            goto fail;
+    } else {
+        if (wolfSSL_UseSNI(ssl, WOLFSSL_SNI_HOST_NAME, name, (unsigned short)strlen(name)) !=
+            WOLFSSL_SUCCESS)
+            goto fail;
+        if (u->verify && wolfSSL_check_domain_name(ssl, name) != WOLFSSL_SUCCESS)
+            goto fail;
+    }
+    return ssl;
+fail:
+    wolfSSL_free(ssl);
+    return NULL;
+}
+
+const char *tls_describe_error(WOLFSSL *ssl, int ret, char *buf, size_t len)
+{
+    int code = wolfSSL_get_error(ssl, ret);
+    char e[160];
+    long v;
+
+    if (code == WOLFSSL_ERROR_SYSCALL || code == SOCKET_ERROR_E) {
+        snprintf(buf, len, "connection error during TLS");
+        return buf;
+    }
+    if (code == WOLFSSL_ERROR_ZERO_RETURN || code == SOCKET_PEER_CLOSED_E) {
+        snprintf(buf, len, "peer closed the connection during TLS");
+        return buf;
+    }
+    err_string(code, e, sizeof(e));
+    v = wolfSSL_get_verify_result(ssl);
+    if (v != 0)
+        snprintf(buf, len, "certificate verification failed: %s (%ld); %s",
+                 wolfSSL_X509_verify_cert_error_string(v), v, e);
+    else
+        snprintf(buf, len, "%s", e);
+    return buf;
+}

@@ -1,0 +1,352 @@
+/*
+ * upstream.c - the upstream dialogue: connect (each resolved address in
+ * turn), greeting, EHLO, STARTTLS, verified TLS handshake. Any failure ends
+ * the session with a 421 to the client; there is no plaintext fallback.
+ */
+#include "session.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "log.h"
+
+#define R_UNREACHABLE "421 4.4.1 Upstream server unreachable, try again later\r\n"
+#define R_FAILED "421 4.4.2 Upstream server error, try again later\r\n"
+
+static const char *stage_name(enum upstream_phase p)
+{
+    static const char *const names[] = {
+        [UP_IDLE] = "idle",         [UP_CONNECTING] = "connect", [UP_GREETING] = "greeting",
+        [UP_EHLO] = "ehlo",         [UP_STARTTLS] = "starttls",  [UP_HANDSHAKE] = "tls",
+        [UP_READY] = "ready",       [UP_CLOSED] = "closed",
+    };
+    return names[p];
+}
+
+static const struct upstream_cfg *ucfg(const struct session *s)
+{
+    return s->li->up->cfg;
+}
+
+void upstream_fail(struct session *s, const char *reply, const char *fmt, ...)
+{
+    char what[200], q[220];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof(what), fmt, ap);
+    va_end(ap);
+    log_quote(q, sizeof(q), what, strlen(what));
+    slog(s, LOG_LVL_WARNING, "event=upstream_failed client=%s upstream=%s stage=%s reason=%s",
+         s->peer_str, ucfg(s)->address, stage_name(s->uphase), q);
+    session_finish(s, reply ? reply : R_FAILED, "upstream %s failed: %s", stage_name(s->uphase),
+                   what);
+}
+
+static void dial_next(struct session *s)
+{
+    const struct upstream_rt *up = s->li->up;
+    struct addrinfo *ai = up->ai;
+    size_t i;
+    int fd, one = 1;
+    char err[128] = "no address";
+
+    for (i = 0; ai != NULL && i < s->ai_next; i++)
+        ai = ai->ai_next;
+    for (; ai != NULL; ai = ai->ai_next, s->ai_next++) {
+        fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd == -1) {
+            snprintf(err, sizeof(err), "socket: %s", strerror(errno));
+            continue;
+        }
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        if (connect(fd, ai->ai_addr, ai->ai_addrlen) == -1 && errno != EINPROGRESS) {
+            snprintf(err, sizeof(err), "connect: %s", strerror(errno));
+            close(fd);
+            continue;
+        }
+        session_upstream_fd(s, fd);
+        s->u.readable = 0;
+        s->u.writable = 0;
+        s->u.eof = s->u.failed = s->u.shut = 0;
+        s->uphase = UP_CONNECTING;
+        conn_deadline(&s->u, ucfg(s)->connect_timeout);
+        return;
+    }
+    s->uphase = UP_CONNECTING;
+    upstream_fail(s, R_UNREACHABLE, "cannot connect to %s: %s", ucfg(s)->address, err);
+}
+
+void upstream_start(struct session *s)
+{
+    const struct upstream_rt *up = s->li->up;
+
+    if (s->uphase != UP_IDLE)
+        return;
+    if (up->ai == NULL) {
+        s->uphase = UP_CONNECTING;
+        upstream_fail(s, R_UNREACHABLE, "cannot resolve %s: %s", ucfg(s)->address,
+                      up->resolve_err);
+        return;
+    }
+    s->ai_next = 0;
+    dial_next(s);
+}
+
+/* Closes the current attempt and tries the next resolved address. */
+static void redial(struct session *s, const char *why)
+{
+    slog(s, LOG_LVL_INFO, "event=upstream_retry upstream=%s reason=\"%s\"", ucfg(s)->address,
+         why);
+    conn_release(&s->u);
+    s->ai_next++;
+    dial_next(s);
+}
+
+static void send_line(struct session *s, const char *fmt, const char *arg)
+{
+    char line[300];
+    int n = snprintf(line, sizeof(line), fmt, arg);
+
+    if (n > 0 && (size_t)n < sizeof(line))
+        conn_queue(&s->u, line, (size_t)n);
+}
+
+static void enter(struct session *s, enum upstream_phase p)
+{
+    slog(s, LOG_LVL_DEBUG, "event=upstream_state from=%s to=%s", stage_name(s->uphase),
+         stage_name(p));
+    s->uphase = p;
+    if (p == UP_READY)
+        conn_deadline(&s->u, 0);
+    else
+        conn_deadline(&s->u, ucfg(s)->reply_timeout);
+}
+
+static void start_tls(struct session *s)
+{
+    WOLFSSL *ssl = tls_client_ssl(s->li->up->ctx, ucfg(s), s->u.fd);
+
+    if (ssl == NULL) {
+        upstream_fail(s, NULL, "cannot create TLS session");
+        return;
+    }
+    conn_start_tls(&s->u, ssl);
+    enter(s, UP_HANDSHAKE);
+}
+
+static int connected(struct session *s)
+{
+    int err = 0;
+    socklen_t len = sizeof(err);
+
+    if (!s->u.writable)
+        return 0;
+    if (getsockopt(s->u.fd, SOL_SOCKET, SO_ERROR, &err, &len) == -1)
+        err = errno;
+    if (err != 0) {
+        if (err == EINPROGRESS || err == EALREADY) {
+            s->u.writable = 0;
+            return 0;
+        }
+        const struct addrinfo *ai = s->li->up->ai;
+        for (size_t i = 0; ai && ai->ai_next && i < s->ai_next; i++)
+            ai = ai->ai_next;
+        if (ai && ai->ai_next) {
+            redial(s, strerror(err));
+            return 1;
+        }
+        upstream_fail(s, R_UNREACHABLE, "cannot connect to %s: %s", ucfg(s)->address,
+                      strerror(err));
+        return 0;
+    }
+    s->u.readable = 1;
+    if (ucfg(s)->tls == UPSTREAM_TLS_IMPLICIT)
+        start_tls(s);
+    else
+        enter(s, UP_GREETING);
+    return 1;
+}
+
+/* One complete reply during the dialogue (left in the buffer for the caller
+ * to inspect and consume), or 0 if it is not there yet. */
+static int dialogue_reply(struct session *s, struct smtp_reply *r)
+{
+    struct conn *u = &s->u;
+    const char *err;
+    enum smtp_reply_status st;
+
+    if (u->in.len == 0) {
+        if (u->eof)
+            upstream_fail(s, NULL, "connection closed by upstream while waiting for %s",
+                          stage_name(s->uphase));
+        return 0;
+    }
+    st = smtp_parse_reply(u->in.data + u->in.off, u->in.len, r, &err);
+    if (st == SMTP_REPLY_ERROR) {
+        upstream_fail(s, NULL, "malformed %s reply: %s", stage_name(s->uphase), err);
+        return 0;
+    }
+    if (st == SMTP_REPLY_INCOMPLETE) {
+        if (u->eof)
+            upstream_fail(s, NULL, "connection closed by upstream in the middle of a reply");
+        else if (conn_in_room(u) == 0)
+            upstream_fail(s, NULL, "reply longer than buffer_size");
+        return 0;
+    }
+    /* RFC 2920 forbids an unrequested reply; after STARTTLS's 220 it would be
+     * a response injection (the bytes were sent before TLS). */
+    if (u->in.len != r->len) {
+        upstream_fail(s, NULL, "%u unexpected bytes after the %s reply%s",
+                      (unsigned)(u->in.len - r->len), stage_name(s->uphase),
+                      s->uphase == UP_STARTTLS ? " (response injection)" : "");
+        return 0;
+    }
+    return 1;
+}
+
+static void ready(struct session *s)
+{
+    enter(s, UP_READY);
+    slog(s, LOG_LVL_DEBUG, "event=upstream_ready upstream=%s tls=%s", ucfg(s)->address,
+         s->u.tls_version ? s->u.tls_version : "none");
+}
+
+int upstream_wants_read(const struct session *s)
+{
+    const struct conn *u = &s->u;
+
+    if (s->closing != CLOSE_NO || u->fd == -1 || u->eof || u->failed || conn_in_room(u) == 0)
+        return 0;
+    return s->uphase == UP_GREETING || s->uphase == UP_EHLO || s->uphase == UP_STARTTLS ||
+           s->uphase == UP_READY;
+}
+
+int upstream_step(struct session *s)
+{
+    struct conn *u = &s->u;
+    struct smtp_reply r;
+    int progress = 0, n;
+
+    switch (s->uphase) {
+    case UP_IDLE:
+    case UP_CLOSED:
+        return 0;
+    case UP_CONNECTING:
+        return connected(s);
+    case UP_HANDSHAKE:
+        n = conn_handshake(u, 0);
+        if (n < 0) {
+            upstream_fail(s, NULL, "TLS handshake with %s (name %s) failed: %s",
+                          ucfg(s)->address, ucfg(s)->server_name, u->errmsg);
+            return 0;
+        }
+        if (n == 0)
+            return 0;
+        slog(s, LOG_LVL_DEBUG, "event=upstream_tls version=%s cipher=%s", u->tls_version,
+             u->tls_cipher);
+        if (ucfg(s)->tls == UPSTREAM_TLS_IMPLICIT)
+            enter(s, UP_GREETING);
+        else
+            ready(s);
+        return 1;
+    default:
+        break;
+    }
+    if (upstream_wants_read(s)) {
+        n = conn_fill(u);
+        if (n > 0)
+            progress = 1;
+        else if (n < 0 && u->failed) {
+            if (s->uphase == UP_READY && s->cphase == CP_SPLICE)
+                session_close(s, "upstream read failed: %s", u->errmsg);
+            else
+                upstream_fail(s, NULL, "read failed: %s", u->errmsg);
+            return 0;
+        }
+    }
+    switch (s->uphase) {
+    case UP_GREETING:
+        if (!dialogue_reply(s, &r))
+            break;
+        if (r.code != 220) {
+            upstream_fail(s, NULL, "greeting was %d, not 220", r.code);
+            break;
+        }
+        /* Pre-TLS text from the upstream is never shown to the client. */
+        conn_consume(u, (uint32_t)r.len);
+        if (ucfg(s)->tls == UPSTREAM_TLS_STARTTLS) {
+            send_line(s, "EHLO %s\r\n", s->cfg->hostname);
+            enter(s, UP_EHLO);
+        } else {
+            ready(s);
+        }
+        progress = 1;
+        break;
+    case UP_EHLO:
+        if (!dialogue_reply(s, &r))
+            break;
+        if (r.code != 250) {
+            upstream_fail(s, NULL, "EHLO refused with %d", r.code);
+            break;
+        }
+        /* Exact keyword match: XSTARTTLS, STARTTLSX or "250-host STARTTLS"
+         * do not count. */
+        if (!smtp_ehlo_has(u->in.data + u->in.off, r.len, "STARTTLS")) {
+            upstream_fail(s, NULL, "upstream does not offer STARTTLS (refusing plaintext)");
+            break;
+        }
+        conn_consume(u, (uint32_t)r.len);
+        send_line(s, "STARTTLS\r\n%s", "");
+        enter(s, UP_STARTTLS);
+        progress = 1;
+        break;
+    case UP_STARTTLS:
+        if (!dialogue_reply(s, &r))
+            break;
+        if (r.code != 220) {
+            upstream_fail(s, NULL, "STARTTLS refused with %d", r.code);
+            break;
+        }
+        conn_consume(u, (uint32_t)r.len);
+        start_tls(s);
+        progress = 1;
+        break;
+    case UP_READY:
+        /* In the follower, replies are read by client.c; here only the end
+         * of the connection before the splice matters. */
+        if (s->cphase != CP_SPLICE && u->eof && u->in.len == 0)
+            session_finish(s, R_FAILED, "upstream closed the connection");
+        break;
+    default:
+        break;
+    }
+    return progress;
+}
+
+void upstream_timeout(struct session *s)
+{
+    if (s->closing != CLOSE_NO)
+        return;
+    if (s->uphase == UP_CONNECTING) {
+        const struct addrinfo *ai = s->li->up->ai;
+        for (size_t i = 0; ai && i < s->ai_next; i++)
+            ai = ai->ai_next;
+        if (ai && ai->ai_next) {
+            redial(s, "connect timeout");
+            return;
+        }
+        upstream_fail(s, R_UNREACHABLE, "timeout connecting to %s (%gs)", ucfg(s)->address,
+                      ucfg(s)->connect_timeout);
+        return;
+    }
+    upstream_fail(s, NULL, "timeout waiting for the upstream's %s (%gs)",
+                  s->uphase == UP_READY ? "reply" : stage_name(s->uphase),
+                  ucfg(s)->reply_timeout);
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages a step needs, if any are missing.
+# Usage: scripts/deps.sh build|test|run [...]
+# As root, missing packages are installed with apt-get; otherwise the
+# missing names are printed and the script fails. The Docker image's build
+# stage calls this same script.
+set -euo pipefail
+
+build_pkgs="gcc make pkg-config libc6-dev libwolfssl-dev libev-dev libinih-dev ca-certificates"
+run_pkgs="openssl python3 python3-aiosmtpd swaks"
+test_pkgs="python3 python3-pytest python3-aiosmtpd swaks curl msmtp openssl clang \
+libclang-rt-14-dev llvm valgrind clang-format iproute2 procps"
+
+want=""
+for step in "$@"; do
+    case "$step" in
+    build) want="$want $build_pkgs" ;;
+    run) want="$want $build_pkgs $run_pkgs" ;;
+    test) want="$want $build_pkgs $test_pkgs" ;;
+    *) echo "deps.sh: unknown step '$step' (build|test|run)" >&2; exit 2 ;;
+    esac
+done
+
+missing=""
+for p in $want; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        case " $missing " in *" $p "*) ;; *) missing="$missing $p" ;; esac
+    fi
+done
+[ -z "$missing" ] && exit 0
+
+if [ "$(id -u)" != 0 ]; then
+    echo "smtpbridge: missing Debian packages:$missing" >&2
+    echo "install them with: sudo apt-get install$missing" >&2
+    exit 1
+fi
+echo "smtpbridge: installing missing Debian packages:$missing" >&2
+export DEBIAN_FRONTEND=noninteractive
+# An old or empty package list cannot find anything: refresh it once.
+apt-get update -qq >/dev/null || apt-get update
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $missing >/dev/null
