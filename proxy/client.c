@@ -272,7 +272,9 @@ static int follow_reply(struct session *s)
     const char *err;
     enum smtp_reply_status st;
 
-    if (u->in.len == 0)
+    /* Before READY the upstream's bytes belong to upstream.c and are never
+     * shown to the client (pre-TLS text is unauthenticated). */
+    if (s->uphase != UP_READY || u->in.len == 0)
         return 0;
     if (s->await == AWAIT_NONE) {
         /* Unsolicited (a 421 before closing, say): pass it on as is. */

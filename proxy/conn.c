@@ -398,14 +398,16 @@ void conn_arm(struct conn *c, int want_read, int want_write)
             r |= c->ssl != NULL && c->wr_wait == EV_READ;
         }
     }
-    /* Only wait for events we do not already know to be there. */
-    if (r && !c->readable)
+    /* Level-triggered: a wanted event that is already there fires on the
+     * next loop iteration, which is what resumes a session whose progress
+     * loop stopped at its round limit. */
+    if (r && !ev_is_active(&c->rio))
         ev_io_start(loop, &c->rio);
-    else
+    else if (!r && ev_is_active(&c->rio))
         ev_io_stop(loop, &c->rio);
-    if (w && !c->writable)
+    if (w && !ev_is_active(&c->wio))
         ev_io_start(loop, &c->wio);
-    else
+    else if (!w && ev_is_active(&c->wio))
         ev_io_stop(loop, &c->wio);
     /* Decrypted bytes inside wolfSSL raise no fd event: ask for another pass. */
     if (want_read && conn_tls_pending(c))
