@@ -19,6 +19,9 @@
 #define R_LONG "500 5.5.2 Line too long\r\n"
 #define R_ERRS "421 4.7.0 Too many errors, closing connection\r\n"
 #define R_TIMEOUT "421 4.4.2 Timeout exceeded, closing connection\r\n"
+#define R_AUTH_REQ "530 5.7.0 Authentication required\r\n"
+#define R_NO_XCLIENT "550 5.7.1 XCLIENT is not accepted from clients\r\n"
+#define R_LONG_FATAL "500 5.5.2 Line too long, closing connection\r\n"
 #define R_INJECT "421 4.7.0 STARTTLS must be the last command before TLS, closing connection\r\n"
 
 /* Room needed in the out queue before a command is answered: the longest
@@ -264,6 +267,33 @@ static int edit_ehlo_reply(struct session *s, size_t rlen)
     return 0;
 }
 
+/*
+ * The upstream's answer in an AUTH exchange (RFC 4954 4): 334 asks for
+ * another client line, 235 ends it successfully and hands the session to the
+ * splice, anything else is a failure, logged in a stable format for fail2ban
+ * (config/fail2ban-filter.conf) and counted against max_errors.
+ */
+static void auth_result(struct session *s, int code)
+{
+    char user[80];
+
+    if (code == 334) {
+        s->in_auth = 1;
+        return;
+    }
+    s->in_auth = 0;
+    log_quote(user, sizeof(user), s->auth_user, strlen(s->auth_user));
+    if (code == 235) {
+        s->authed = 1;
+        slog(s, LOG_LVL_INFO, "event=auth_ok ip=%s user=%s", s->peer_ip, user);
+        if (s->li->cfg->require_auth)
+            splice_enter(s);
+        return;
+    }
+    slog(s, LOG_LVL_WARNING, "event=auth_failed ip=%s user=%s code=%d", s->peer_ip, user, code);
+    count_error(s);
+}
+
 /* A complete reply from the upstream to the command we relayed. */
 static int follow_reply(struct session *s)
 {
@@ -306,9 +336,12 @@ static int follow_reply(struct session *s)
     } else {
         u->pass = (uint32_t)r.len;
     }
+    enum await was = s->await;
     s->await = AWAIT_NONE;
     conn_deadline(u, 0);
     conn_deadline(&s->c, s->cfg->command_timeout);
+    if (was == AWAIT_AUTH)
+        auth_result(s, r.code);
     return 1;
 }
 
@@ -320,10 +353,47 @@ static void relay(struct session *s, size_t ll, enum await what)
     conn_deadline(&s->u, s->li->up->cfg->reply_timeout);
 }
 
+/* RFC 4954 4: a SASL response line may be up to 12288 octets. */
+#define MAX_FOLLOW_LINE 12288
+
+/* A line inside an AUTH exchange: relayed as is, never logged. */
+static void auth_line(struct session *s, const char *p, size_t ll)
+{
+    size_t n = ll;
+
+    while (n > 0 && (p[n - 1] == '\n' || p[n - 1] == '\r'))
+        n--;
+    /* The first response names the user (LOGIN: the user name alone). */
+    if (s->auth_steps++ == 0 && s->auth_user[0] == '\0')
+        smtp_sasl_user(s->auth_mech, p, n, s->auth_user, sizeof(s->auth_user));
+    s->in_auth = 0;
+    relay(s, ll, AWAIT_AUTH);
+}
+
+static void auth_command(struct session *s, const struct smtp_command *cmd, size_t ll)
+{
+    s->auth_mech = SASL_OTHER;
+    s->auth_steps = 0;
+    s->auth_user[0] = '\0';
+    if (cmd->arg != NULL) {
+        const char *sp = memchr(cmd->arg, ' ', cmd->arg_len);
+        s->auth_mech = smtp_sasl_mech(cmd->arg, cmd->arg_len);
+        /* An initial response (RFC 4954 4) counts as the first step. */
+        if (sp != NULL) {
+            size_t off = (size_t)(sp - cmd->arg) + 1;
+            smtp_sasl_user(s->auth_mech, sp + 1, cmd->arg_len - off, s->auth_user,
+                           sizeof(s->auth_user));
+            s->auth_steps = 1;
+        }
+    }
+    relay(s, ll, AWAIT_AUTH);
+}
+
 static int follow_lines(struct session *s)
 {
     struct conn *c = &s->c;
     struct smtp_command cmd;
+    int gate = s->li->cfg->require_auth && !s->authed;
     size_t ll;
 
     if (s->uphase != UP_READY || s->await != AWAIT_NONE || c->pass > 0 ||
@@ -336,25 +406,39 @@ static int follow_lines(struct session *s)
     }
     const char *p = c->in.data + c->in.off;
     if (!smtp_find_line(p, c->in.len, &ll)) {
-        /* A line this long is nothing we handle: let the upstream judge it. */
-        if (c->in.len > SMTP_MAX_COMMAND_LINE || c->eof) {
+        if (c->eof) {
+            session_close(s, "client closed connection in the middle of a line");
+            return 0;
+        }
+        if (c->in.len <= SMTP_MAX_COMMAND_LINE ||
+            (gate && c->in.len < MAX_FOLLOW_LINE && conn_in_room(c) > 0))
+            return 0;
+        /* Nothing we handle is this long. Without the gate, let the upstream
+         * judge it; with the gate nothing may pass before AUTH. */
+        if (!gate) {
             splice_enter(s);
             return 1;
         }
+        session_finish(s, R_LONG_FATAL, "over-long line before authentication");
         return 0;
     }
+    if (s->in_auth) {
+        auth_line(s, p, ll);
+        return 1;
+    }
     if (smtp_parse_command(p, ll, &cmd) != NULL) {
-        splice_enter(s);
+        if (!gate) {
+            splice_enter(s);
+            return 1;
+        }
+        conn_consume(c, (uint32_t)ll);
+        queue_fmt(s, "500 5.5.2 Syntax error%s\r\n", "");
+        count_error(s);
         return 1;
     }
     switch (cmd.verb) {
     case SMTP_VERB_EHLO:
         relay(s, ll, AWAIT_EHLO);
-        break;
-    case SMTP_VERB_HELO:
-    case SMTP_VERB_NOOP:
-    case SMTP_VERB_RSET:
-        relay(s, ll, AWAIT_REPLY);
         break;
     case SMTP_VERB_STARTTLS:
         conn_consume(c, (uint32_t)ll);
@@ -369,8 +453,44 @@ static int follow_lines(struct session *s)
             accept_starttls(s);
         }
         break;
-    default:
+    case SMTP_VERB_XCLIENT:
+        /* Only the proxy may speak XCLIENT to the upstream (SECURITY.md 5). */
+        conn_consume(c, (uint32_t)ll);
+        conn_queue(c, R_NO_XCLIENT, strlen(R_NO_XCLIENT));
+        count_error(s);
+        break;
+    case SMTP_VERB_AUTH:
+        if (c->ssl == NULL && !s->plaintext_ok) {
+            conn_consume(c, (uint32_t)ll);
+            conn_queue(c, R_530, strlen(R_530));
+            count_error(s);
+            break;
+        }
+        auth_command(s, &cmd, ll);
+        break;
+    case SMTP_VERB_MAIL:
+    case SMTP_VERB_RCPT:
+    case SMTP_VERB_DATA:
+    case SMTP_VERB_BDAT:
+        if (gate) {
+            conn_consume(c, (uint32_t)ll);
+            conn_queue(c, R_AUTH_REQ, strlen(R_AUTH_REQ));
+            count_error(s);
+            break;
+        }
         splice_enter(s);
+        break;
+    case SMTP_VERB_QUIT:
+        splice_enter(s);
+        break;
+    default:
+        /* HELO, NOOP, RSET, HELP, VRFY, unknown: one at a time while gated;
+         * without the gate only the harmless ones keep us following. */
+        if (gate || cmd.verb == SMTP_VERB_HELO || cmd.verb == SMTP_VERB_NOOP ||
+            cmd.verb == SMTP_VERB_RSET)
+            relay(s, ll, AWAIT_REPLY);
+        else
+            splice_enter(s);
         break;
     }
     return 1;

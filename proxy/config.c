@@ -359,7 +359,8 @@ static int add_listen(struct parse *p, const char *key, const char *item)
 static int add_cidr(struct parse *p, const char *key, const char *item)
 {
     struct listener_cfg *li = p->li;
-    struct cidr c;
+    struct cidr c, **v = &li->allow;
+    size_t *n = &li->nallow;
 
     if (config_parse_cidr(item, &c) == -1) {
         perr(p, p->rd.line,
@@ -367,8 +368,12 @@ static int add_cidr(struct parse *p, const char *key, const char *item)
              p->cur_section, key, item);
         return -1;
     }
-    li->allow = xrealloc(li->allow, li->nallow + 1, sizeof(struct cidr));
-    li->allow[li->nallow++] = c;
+    if (strcmp(key, "allow_from") == 0) {
+        v = &li->allow_from;
+        n = &li->nallow_from;
+    }
+    *v = xrealloc(*v, *n + 1, sizeof(struct cidr));
+    (*v)[(*n)++] = c;
     return 0;
 }
 
@@ -445,6 +450,8 @@ static const struct keydef listener_keys[] = {
     {"key", K_STR, L(key), 0, NULL},
     {"min_tls", K_TLSVER, L(min_tls), 0, NULL},
     {"allow_plaintext_from", K_LIST, 0, 0, NULL},
+    {"allow_from", K_LIST, 0, 0, NULL},
+    {"require_auth", K_BOOL, L(require_auth), 0, NULL},
     {"upstream", K_STR, L(upstream_name), 0, NULL},
     {NULL, 0, 0, 0, NULL},
 };
@@ -569,6 +576,7 @@ static int begin_section(struct parse *p, const char *section)
         p->li->line = p->rd.line;
         p->li->mode = (enum listener_mode)-1;
         p->li->min_tls = TLS_V12;
+        p->li->require_auth = 1;
         return 0;
     }
     perr(p, p->rd.line,
@@ -689,6 +697,11 @@ static void validate(struct parse *p)
         if (li->min_tls < TLS_V11)
             perr(p, li->line,
                  "[%s] key 'min_tls': TLS 1.0 is not available in this build (lowest is 1.1)",
+                 sec);
+        if (!li->require_auth && li->nallow_from == 0)
+            perr(p, li->line,
+                 "[%s] key 'require_auth': 'no' needs 'allow_from' networks (the listener "
+                 "would otherwise let anyone send mail as the proxy)",
                  sec);
         if (li->nallow > 0 && li->mode == LISTENER_IMPLICIT)
             perr(p, li->line,
@@ -826,6 +839,7 @@ void config_free(struct config *cfg)
         free(li->cert);
         free(li->key);
         free(li->allow);
+        free(li->allow_from);
         free(li->upstream_name);
     }
     free(cfg->upstreams);
@@ -851,14 +865,18 @@ static const char *tls_name(int v)
     }
 }
 
-static void dump_cidrs(const struct listener_cfg *li, FILE *out)
+static void dump_cidrs(const char *key, const struct cidr *v, size_t n, FILE *out)
 {
     char a[INET6_ADDRSTRLEN];
 
-    for (size_t i = 0; i < li->nallow; i++) {
-        inet_ntop(li->allow[i].family, li->allow[i].addr, a, sizeof(a));
-        fprintf(out, "%s%s/%u", i ? ", " : "", a, li->allow[i].bits);
+    if (n == 0)
+        return;
+    fprintf(out, "%s = ", key);
+    for (size_t i = 0; i < n; i++) {
+        inet_ntop(v[i].family, v[i].addr, a, sizeof(a));
+        fprintf(out, "%s%s/%u", i ? ", " : "", a, v[i].bits);
     }
+    fputc('\n', out);
 }
 
 void config_dump(const struct config *cfg, FILE *out)
@@ -894,11 +912,9 @@ void config_dump(const struct config *cfg, FILE *out)
             fprintf(out, "%s%s", j ? ", " : "", li->listen[j]);
         fprintf(out, "\nmode = %s\ncert = %s\nkey = %s\nmin_tls = %s\n", mode_words[li->mode],
                 li->cert, li->key, tls_name(li->min_tls));
-        if (li->nallow) {
-            fprintf(out, "allow_plaintext_from = ");
-            dump_cidrs(li, out);
-            fputc('\n', out);
-        }
+        fprintf(out, "require_auth = %s\n", li->require_auth ? "yes" : "no");
+        dump_cidrs("allow_from", li->allow_from, li->nallow_from, out);
+        dump_cidrs("allow_plaintext_from", li->allow, li->nallow, out);
         if (li->upstream_name)
             fprintf(out, "upstream = %s\n", li->upstream_name);
     }

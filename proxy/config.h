@@ -53,8 +53,11 @@ struct listener_cfg {
     enum listener_mode mode;
     char *cert, *key;
     int min_tls;
-    struct cidr *allow;
+    struct cidr *allow; /* allow_plaintext_from */
     size_t nallow;
+    struct cidr *allow_from; /* who may connect at all (empty: everyone) */
+    size_t nallow_from;
+    int require_auth; /* the auth gate: MAIL refused until the upstream said 235 */
     char *upstream_name; /* NULL: the default upstream */
     struct upstream_cfg *upstream;
 };

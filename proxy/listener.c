@@ -256,6 +256,16 @@ static int over_cap(const struct config *cfg, const struct sockaddr_storage *pee
     return 0;
 }
 
+static int allowed(const struct listener_cfg *li, const struct sockaddr_storage *peer)
+{
+    if (li->nallow_from == 0)
+        return 1;
+    for (size_t i = 0; i < li->nallow_from; i++)
+        if (cidr_match(&li->allow_from[i], peer))
+            return 1;
+    return 0;
+}
+
 static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
     struct listener *li = w->data;
@@ -276,6 +286,11 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
             if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
                 pause_accepting(li->rt, errno);
             return;
+        }
+        if (!allowed(li->cfg, &ss)) {
+            log_msg(LOG_LVL_INFO, 0, "event=reject listener=%s cap=allow_from", li->cfg->name);
+            close(fd);
+            continue;
         }
         if (over_cap(cfg, &ss, &why)) {
             log_msg(LOG_LVL_WARNING, 0, "event=reject listener=%s cap=%s", li->cfg->name, why);

@@ -50,6 +50,11 @@ static void startup_warnings(const struct config *cfg)
                     "event=config_warning listener=%s msg=\"min_tls = 1.%d accepts obsolete TLS "
                     "versions (for legacy devices only)\"",
                     li->name, li->min_tls % 10);
+        if (!li->require_auth)
+            log_msg(LOG_LVL_WARNING, 0,
+                    "event=config_warning listener=%s msg=\"require_auth = no: clients from "
+                    "allow_from may send mail without AUTH\"",
+                    li->name);
         if (li->nallow > 0)
             log_msg(LOG_LVL_WARNING, 0,
                     "event=config_warning listener=%s msg=\"allow_plaintext_from lets %zu "

@@ -272,19 +272,21 @@ static const char *or_dash(const char *v)
 
 static void session_free(struct session *s)
 {
-    char reason[260];
+    char reason[260], user[80] = "-";
     const struct upstream_cfg *u = s->li->up->cfg;
     double ms = (ev_now(EV_DEFAULT) - s->started) * 1000.0;
 
     conn_shutdown_write(&s->c);
     log_quote(reason, sizeof(reason), s->reason, strlen(s->reason));
+    if (s->authed)
+        log_quote(user, sizeof(user), s->auth_user, strlen(s->auth_user));
     slog(s, LOG_LVL_INFO,
          "event=session_end client=%s listener=%s client_tls=%s client_cipher=%s "
-         "upstream=%s upstream_tls=%s upstream_cipher=%s bytes_c2u=%llu bytes_u2c=%llu "
-         "duration_ms=%.0f reason=%s",
+         "upstream=%s upstream_tls=%s upstream_cipher=%s user=%s bytes_c2u=%llu "
+         "bytes_u2c=%llu duration_ms=%.0f reason=%s",
          s->peer_str, s->li->cfg->name, or_dash(s->c.tls_version), or_dash(s->c.tls_cipher),
          s->uphase == UP_IDLE ? "-" : u->address, or_dash(s->u.tls_version),
-         or_dash(s->u.tls_cipher), (unsigned long long)s->bytes_c2u,
+         or_dash(s->u.tls_cipher), user, (unsigned long long)s->bytes_c2u,
          (unsigned long long)s->bytes_u2c, ms, reason);
     conn_release(&s->c);
     conn_release(&s->u);

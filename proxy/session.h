@@ -83,7 +83,7 @@ enum upstream_phase {
 };
 
 /* What the client-side follower waits for from the upstream. */
-enum await { AWAIT_NONE, AWAIT_EHLO, AWAIT_REPLY };
+enum await { AWAIT_NONE, AWAIT_EHLO, AWAIT_REPLY, AWAIT_AUTH };
 
 enum close_kind { CLOSE_NO = 0, CLOSE_FLUSH, CLOSE_NOW };
 
@@ -100,6 +100,11 @@ struct session {
     unsigned plaintext_ok : 1;   /* client is in allow_plaintext_from */
     unsigned client_tls_seen : 1;
     unsigned discard_line : 1;    /* pre-TLS: skipping an over-long line */
+    unsigned in_auth : 1;         /* the upstream sent 334: next line is SASL */
+    unsigned authed : 1;          /* the upstream answered AUTH with 235 */
+    enum smtp_sasl auth_mech;
+    unsigned auth_steps;          /* client responses in this AUTH exchange */
+    char auth_user[64];           /* for logs only; never the password */
     unsigned errors;
     size_t ai_next;              /* next upstream address to try */
     enum close_kind closing;

@@ -239,3 +239,123 @@ int smtp_ehlo_filter(const char *in, size_t len, char *out, size_t outcap, const
     *outlen = o;
     return 0;
 }
+
+enum smtp_sasl smtp_sasl_mech(const char *name, size_t len)
+{
+    static const struct {
+        const char *name;
+        enum smtp_sasl mech;
+    } mechs[] = {
+        {"PLAIN", SASL_PLAIN},
+        {"LOGIN", SASL_LOGIN},
+        {"CRAM-MD5", SASL_CRAM_MD5},
+        {"XOAUTH2", SASL_XOAUTH2},
+    };
+    size_t wl = 0;
+
+    while (wl < len && name[wl] != ' ')
+        wl++;
+    for (size_t i = 0; i < sizeof(mechs) / sizeof(mechs[0]); i++)
+        if (strlen(mechs[i].name) == wl && ci_equal(name, mechs[i].name, wl))
+            return mechs[i].mech;
+    return SASL_OTHER;
+}
+
+static int b64_value(char c)
+{
+    if (c >= 'A' && c <= 'Z')
+        return c - 'A';
+    if (c >= 'a' && c <= 'z')
+        return c - 'a' + 26;
+    if (c >= '0' && c <= '9')
+        return c - '0' + 52;
+    if (c == '+')
+        return 62;
+    if (c == '/')
+        return 63;
+    return -1;
+}
+
+long smtp_base64_decode(const char *in, size_t len, unsigned char *out, size_t cap)
+{
+    size_t o = 0, i;
+    unsigned acc = 0;
+    int bits = 0, v;
+
+    while (len > 0 && in[len - 1] == '=')
+        len--;
+    if (len % 4 == 1)
+        return -1;
+    for (i = 0; i < len; i++) {
+        v = b64_value(in[i]);
+        if (v < 0)
+            return -1;
+        acc = (acc << 6) | (unsigned)v;
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            if (o >= cap)
+                return -1;
+            out[o++] = (unsigned char)((acc >> bits) & 0xff);
+        }
+    }
+    return (long)o;
+}
+
+static void copy_printable(char *dst, size_t cap, const unsigned char *src, size_t len)
+{
+    size_t i;
+
+    if (cap == 0)
+        return;
+    for (i = 0; i < len && i + 1 < cap; i++)
+        dst[i] = (src[i] >= 0x20 && src[i] < 0x7f) ? (char)src[i] : '?';
+    dst[i] = '\0';
+}
+
+int smtp_sasl_user(enum smtp_sasl mech, const char *b64, size_t len, char *user, size_t cap)
+{
+    unsigned char buf[1024];
+    const unsigned char *start, *end;
+    long n = smtp_base64_decode(b64, len, buf, sizeof(buf));
+
+    if (n <= 0 || cap == 0)
+        return -1;
+    start = buf;
+    end = buf + n;
+    switch (mech) {
+    case SASL_PLAIN:
+        /* authzid NUL authcid NUL passwd: stop at the second NUL. */
+        start = memchr(buf, '\0', (size_t)n);
+        if (start == NULL)
+            return -1;
+        start++;
+        end = memchr(start, '\0', (size_t)(buf + n - start));
+        if (end == NULL)
+            return -1;
+        break;
+    case SASL_LOGIN:
+        break;
+    case SASL_CRAM_MD5:
+        for (end = buf + n; end > buf && end[-1] != ' '; end--)
+            ;
+        if (end == buf)
+            return -1;
+        end--;
+        break;
+    case SASL_XOAUTH2:
+        if (n < 5 || memcmp(buf, "user=", 5) != 0)
+            return -1;
+        start = buf + 5;
+        end = memchr(start, 0x01, (size_t)(buf + n - start));
+        if (end == NULL)
+            return -1;
+        break;
+    default:
+        return -1;
+    }
+    if (end <= start)
+        return -1;
+    copy_printable(user, cap, start, (size_t)(end - start));
+    return 0;
+}

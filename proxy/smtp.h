@@ -111,4 +111,28 @@ int smtp_ehlo_has(const char *reply, size_t len, const char *keyword);
 int smtp_ehlo_filter(const char *in, size_t len, char *out, size_t outcap, const char *drop,
                      const char *add, size_t *outlen);
 
+/* SASL mechanisms whose user name the proxy can log (RFC 4954, 4616). */
+enum smtp_sasl { SASL_OTHER = 0, SASL_PLAIN, SASL_LOGIN, SASL_CRAM_MD5, SASL_XOAUTH2 };
+
+/* smtp_sasl_mech(name, len): the mechanism named by an AUTH argument's first
+ * word (case-insensitive); SASL_OTHER for anything else. */
+enum smtp_sasl smtp_sasl_mech(const char *name, size_t len);
+
+/*
+ * smtp_base64_decode(in, len, out, cap): decodes standard base64 (padding
+ * optional, no whitespace). Returns the decoded length, or -1 on a bad
+ * character, bad length or if out is too small.
+ */
+long smtp_base64_decode(const char *in, size_t len, unsigned char *out, size_t cap);
+
+/*
+ * smtp_sasl_user(mech, b64, len, user, cap): extracts the authentication
+ * identity from a base64 SASL response: PLAIN "authzid NUL authcid NUL
+ * password" -> authcid; LOGIN (the first response) -> all of it; CRAM-MD5
+ * "user digest" -> user; XOAUTH2 "user=NAME^A..." -> NAME. The password is
+ * never copied out. user is NUL-terminated and holds only printable ASCII
+ * (others replaced by '?'). Returns 0, or -1 if nothing could be extracted.
+ */
+int smtp_sasl_user(enum smtp_sasl mech, const char *b64, size_t len, char *user, size_t cap);
+
 #endif
