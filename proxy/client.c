@@ -12,17 +12,17 @@
 
 #include "log.h"
 
-#define R_530 "530 5.7.0 Must issue a STARTTLS command first\r\n"
-#define R_503_TLS "503 5.5.1 TLS already active\r\n"
-#define R_250_OK "250 2.0.0 OK\r\n"
-#define R_READY "220 2.0.0 Ready to start TLS\r\n"
-#define R_LONG "500 5.5.2 Line too long\r\n"
-#define R_ERRS "421 4.7.0 Too many errors, closing connection\r\n"
-#define R_TIMEOUT "421 4.4.2 Timeout exceeded, closing connection\r\n"
-#define R_AUTH_REQ "530 5.7.0 Authentication required\r\n"
+#define R_530        "530 5.7.0 Must issue a STARTTLS command first\r\n"
+#define R_503_TLS    "503 5.5.1 TLS already active\r\n"
+#define R_250_OK     "250 2.0.0 OK\r\n"
+#define R_READY      "220 2.0.0 Ready to start TLS\r\n"
+#define R_LONG       "500 5.5.2 Line too long\r\n"
+#define R_ERRS       "421 4.7.0 Too many errors, closing connection\r\n"
+#define R_TIMEOUT    "421 4.4.2 Timeout exceeded, closing connection\r\n"
+#define R_AUTH_REQ   "530 5.7.0 Authentication required\r\n"
 #define R_NO_XCLIENT "550 5.7.1 XCLIENT is not accepted from clients\r\n"
 #define R_LONG_FATAL "500 5.5.2 Line too long, closing connection\r\n"
-#define R_INJECT "421 4.7.0 STARTTLS must be the last command before TLS, closing connection\r\n"
+#define R_INJECT     "421 4.7.0 STARTTLS must be the last command before TLS, closing connection\r\n"
 
 /* Room needed in the out queue before a command is answered: the longest
  * reply we generate (the EHLO reply, with a 255-byte host name). */

@@ -19,8 +19,8 @@
 #include <unistd.h>
 
 /* inih's line buffer is 200 bytes including CR, LF and NUL. */
-#define MAX_LINE 197
-#define MAX_FILE (1024 * 1024)
+#define MAX_LINE     197
+#define MAX_FILE     (1024 * 1024)
 #define MAX_SECTIONS 256
 
 struct reader {
@@ -363,8 +363,7 @@ static int add_cidr(struct parse *p, const char *key, const char *item)
     size_t *n = &li->nallow;
 
     if (config_parse_cidr(item, &c) == -1) {
-        perr(p, p->rd.line,
-             "[%s] key '%s': '%s' is not a network (address/prefix, host bits zero)",
+        perr(p, p->rd.line, "[%s] key '%s': '%s' is not a network (address/prefix, host bits zero)",
              p->cur_section, key, item);
         return -1;
     }
@@ -402,7 +401,7 @@ struct keydef {
     const char *name;
     enum key_kind kind;
     size_t off;
-    unsigned max; /* K_UINT */
+    unsigned max;             /* K_UINT */
     const char *const *words; /* K_ENUM, NULL-terminated */
 };
 
@@ -574,7 +573,7 @@ static int begin_section(struct parse *p, const char *section)
         memset(p->li, 0, sizeof(*p->li));
         p->li->name = xstrdup(name);
         p->li->line = p->rd.line;
-        p->li->mode = (enum listener_mode)-1;
+        p->li->mode = (enum listener_mode) - 1;
         p->li->min_tls = TLS_V12;
         p->li->require_auth = 1;
         return 0;
@@ -629,8 +628,7 @@ static int handler(void *user, const char *section, const char *name, const char
             }
             char q[200];
             log_quote(q, sizeof(q), value, strlen(value));
-            perr(p, p->rd.line, "[%s] key '%s': bad value %s, expected %s", section, name, q,
-                 want);
+            perr(p, p->rd.line, "[%s] key '%s': bad value %s, expected %s", section, name, q, want);
         }
         return 1;
     }
@@ -642,8 +640,7 @@ static void check_readable(struct parse *p, int line, const char *section, const
                            const char *path)
 {
     if (path != NULL && access(path, R_OK) == -1)
-        perr(p, line, "[%s] key '%s': cannot read '%s': %s", section, key, path,
-             strerror(errno));
+        perr(p, line, "[%s] key '%s': cannot read '%s': %s", section, key, path, strerror(errno));
 }
 
 static void validate(struct parse *p)
@@ -696,8 +693,7 @@ static void validate(struct parse *p)
         check_readable(p, li->line, sec, "key", li->key);
         if (li->min_tls < TLS_V11)
             perr(p, li->line,
-                 "[%s] key 'min_tls': TLS 1.0 is not available in this build (lowest is 1.1)",
-                 sec);
+                 "[%s] key 'min_tls': TLS 1.0 is not available in this build (lowest is 1.1)", sec);
         if (!li->require_auth && li->nallow_from == 0)
             perr(p, li->line,
                  "[%s] key 'require_auth': 'no' needs 'allow_from' networks (the listener "
@@ -715,8 +711,7 @@ static void validate(struct parse *p)
                 perr(p, li->line, "[%s] key 'upstream': no section [upstream %s]", sec, want);
             else
                 perr(p, li->line,
-                     "[%s]: no unnamed [upstream] section; set 'upstream = NAME' to pick one",
-                     sec);
+                     "[%s]: no unnamed [upstream] section; set 'upstream = NAME' to pick one", sec);
         }
         for (size_t k = 0; k < li->nlisten; k++)
             for (size_t j = 0; j < i; j++)

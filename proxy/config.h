@@ -57,7 +57,7 @@ struct listener_cfg {
     size_t nallow;
     struct cidr *allow_from; /* who may connect at all (empty: everyone) */
     size_t nallow_from;
-    int require_auth; /* the auth gate: MAIL refused until the upstream said 235 */
+    int require_auth;    /* the auth gate: MAIL refused until the upstream said 235 */
     char *upstream_name; /* NULL: the default upstream */
     struct upstream_cfg *upstream;
 };

@@ -18,7 +18,7 @@
 #include "session.h"
 
 #define ACCEPTS_PER_EVENT 64
-#define R_TOO_MANY "421 4.7.0 Too many connections, try again later\r\n"
+#define R_TOO_MANY        "421 4.7.0 Too many connections, try again later\r\n"
 
 static struct runtime *active; /* the runtime whose listeners accept */
 static ev_timer resume_timer;
@@ -242,8 +242,7 @@ static void pause_accepting(struct runtime *rt, int err)
     ev_timer_start(EV_DEFAULT, &resume_timer);
 }
 
-static int over_cap(const struct config *cfg, const struct sockaddr_storage *peer,
-                    const char **why)
+static int over_cap(const struct config *cfg, const struct sockaddr_storage *peer, const char **why)
 {
     if (cfg->max_sessions && session_count() >= cfg->max_sessions) {
         *why = "max_sessions";

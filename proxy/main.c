@@ -91,8 +91,7 @@ static int drop_privileges(const struct config *cfg)
     }
     if (geteuid() != 0) {
         log_msg(LOG_LVL_WARNING, 0,
-                "event=config_warning msg=\"not started as root; 'user = %s' ignored\"",
-                cfg->user);
+                "event=config_warning msg=\"not started as root; 'user = %s' ignored\"", cfg->user);
         return 0;
     }
     errno = 0;
@@ -112,8 +111,7 @@ static int drop_privileges(const struct config *cfg)
         gid = gr->gr_gid;
     }
     if (initgroups(pw->pw_name, gid) == -1 || setgid(gid) == -1 || setuid(pw->pw_uid) == -1) {
-        fprintf(stderr, "smtpbridge: cannot switch to user '%s': %s\n", cfg->user,
-                strerror(errno));
+        fprintf(stderr, "smtpbridge: cannot switch to user '%s': %s\n", cfg->user, strerror(errno));
         return -1;
     }
     if (setuid(0) != -1 || geteuid() == 0) {

@@ -15,8 +15,8 @@
 
 struct upstream_rt {
     const struct upstream_cfg *cfg;
-    WOLFSSL_CTX *ctx;     /* NULL when tls = none */
-    struct addrinfo *ai;  /* resolved at start; NULL if resolution failed */
+    WOLFSSL_CTX *ctx;    /* NULL when tls = none */
+    struct addrinfo *ai; /* resolved at start; NULL if resolution failed */
     char resolve_err[128];
 };
 

@@ -258,8 +258,7 @@ void session_finish(struct session *s, const char *reply, const char *fmt, ...)
     s->c.pass = 0;
     /* A reply is only meaningful where the client can read it: in plaintext
      * before any TLS, or once its TLS is up. */
-    if (reply != NULL && !s->c.handshaking && !s->c.failed &&
-        (s->c.ssl == NULL || s->c.tls_up))
+    if (reply != NULL && !s->c.handshaking && !s->c.failed && (s->c.ssl == NULL || s->c.tls_up))
         conn_queue(&s->c, reply, strlen(reply));
     s->closing = CLOSE_FLUSH;
     conn_deadline(&s->c, 5.0);

@@ -10,14 +10,11 @@ static const struct {
     size_t len;
     enum smtp_verb verb;
 } verbs[] = {
-    {"EHLO", 4, SMTP_VERB_EHLO},         {"HELO", 4, SMTP_VERB_HELO},
-    {"STARTTLS", 8, SMTP_VERB_STARTTLS}, {"NOOP", 4, SMTP_VERB_NOOP},
-    {"RSET", 4, SMTP_VERB_RSET},         {"QUIT", 4, SMTP_VERB_QUIT},
-    {"AUTH", 4, SMTP_VERB_AUTH},         {"MAIL", 4, SMTP_VERB_MAIL},
-    {"RCPT", 4, SMTP_VERB_RCPT},         {"DATA", 4, SMTP_VERB_DATA},
-    {"BDAT", 4, SMTP_VERB_BDAT},         {"VRFY", 4, SMTP_VERB_VRFY},
-    {"EXPN", 4, SMTP_VERB_EXPN},         {"HELP", 4, SMTP_VERB_HELP},
-    {"XCLIENT", 7, SMTP_VERB_XCLIENT},
+    {"EHLO", 4, SMTP_VERB_EHLO}, {"HELO", 4, SMTP_VERB_HELO}, {"STARTTLS", 8, SMTP_VERB_STARTTLS},
+    {"NOOP", 4, SMTP_VERB_NOOP}, {"RSET", 4, SMTP_VERB_RSET}, {"QUIT", 4, SMTP_VERB_QUIT},
+    {"AUTH", 4, SMTP_VERB_AUTH}, {"MAIL", 4, SMTP_VERB_MAIL}, {"RCPT", 4, SMTP_VERB_RCPT},
+    {"DATA", 4, SMTP_VERB_DATA}, {"BDAT", 4, SMTP_VERB_BDAT}, {"VRFY", 4, SMTP_VERB_VRFY},
+    {"EXPN", 4, SMTP_VERB_EXPN}, {"HELP", 4, SMTP_VERB_HELP}, {"XCLIENT", 7, SMTP_VERB_XCLIENT},
 };
 
 static int lower(int c)

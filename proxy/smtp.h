@@ -47,8 +47,8 @@ int smtp_find_line(const char *buf, size_t len, size_t *linelen);
 
 struct smtp_command {
     enum smtp_verb verb;
-    const char *arg;   /* points into the caller's line; NULL if none */
-    size_t arg_len;    /* argument length without trailing spaces / CRLF */
+    const char *arg; /* points into the caller's line; NULL if none */
+    size_t arg_len;  /* argument length without trailing spaces / CRLF */
 };
 
 /*
@@ -71,9 +71,9 @@ enum smtp_reply_status {
 };
 
 struct smtp_reply {
-    int code;      /* 3-digit reply code, 200..599 */
-    size_t len;    /* bytes of the whole reply, last CRLF included */
-    size_t lines;  /* number of lines */
+    int code;     /* 3-digit reply code, 200..599 */
+    size_t len;   /* bytes of the whole reply, last CRLF included */
+    size_t lines; /* number of lines */
 };
 
 /*

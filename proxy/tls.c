@@ -11,15 +11,15 @@
 #include <wolfssl/wolfcrypt/error-crypt.h>
 
 /* TLS 1.3 suites, then TLS 1.2 AEAD suites with forward secrecy. */
-#define CIPHERS_MODERN                                                                         \
-    "TLS13-AES128-GCM-SHA256:TLS13-AES256-GCM-SHA384:TLS13-CHACHA20-POLY1305-SHA256:"          \
-    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"                               \
-    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"                               \
+#define CIPHERS_MODERN                                                                             \
+    "TLS13-AES128-GCM-SHA256:TLS13-AES256-GCM-SHA384:TLS13-CHACHA20-POLY1305-SHA256:"              \
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"                                   \
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"                                   \
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 /* What old printers and scanners speak (TLS 1.0/1.1 have no AEAD suites). */
-#define CIPHERS_LEGACY                                                                         \
-    CIPHERS_MODERN ":ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA:"      \
-                   "ECDHE-RSA-AES256-SHA:AES128-GCM-SHA256:AES256-GCM-SHA384:AES128-SHA:"      \
+#define CIPHERS_LEGACY                                                                             \
+    CIPHERS_MODERN ":ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA:"          \
+                   "ECDHE-RSA-AES256-SHA:AES128-GCM-SHA256:AES256-GCM-SHA384:AES128-SHA:"          \
                    "AES256-SHA"
 
 int tls_init(void)
@@ -73,12 +73,11 @@ WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, char *err, size_t err
         return NULL;
     }
     if (wolfSSL_CTX_SetMinVersion(ctx, wolf_version(li->min_tls)) != WOLFSSL_SUCCESS) {
-        snprintf(err, errlen, "TLS %d.%d is not supported by this wolfSSL build",
-                 li->min_tls / 10, li->min_tls % 10);
+        snprintf(err, errlen, "TLS %d.%d is not supported by this wolfSSL build", li->min_tls / 10,
+                 li->min_tls % 10);
         goto fail;
     }
-    if (wolfSSL_CTX_set_cipher_list(ctx, li->min_tls < TLS_V12 ? CIPHERS_LEGACY
-                                                               : CIPHERS_MODERN) !=
+    if (wolfSSL_CTX_set_cipher_list(ctx, li->min_tls < TLS_V12 ? CIPHERS_LEGACY : CIPHERS_MODERN) !=
         WOLFSSL_SUCCESS) {
         snprintf(err, errlen, "cannot set cipher list");
         goto fail;
@@ -151,8 +150,7 @@ WOLFSSL_CTX *tls_client_ctx(const struct upstream_cfg *u, char *err, size_t errl
         rc = wolfSSL_CTX_use_certificate_chain_file(ctx, u->cert);
         if (rc != WOLFSSL_SUCCESS) {
             err_string(rc, e, sizeof(e));
-            snprintf(err, errlen, "key 'cert': cannot load certificate chain '%s': %s", u->cert,
-                     e);
+            snprintf(err, errlen, "key 'cert': cannot load certificate chain '%s': %s", u->cert, e);
             goto fail;
         }
         rc = wolfSSL_CTX_use_PrivateKey_file(ctx, u->key, WOLFSSL_FILETYPE_PEM);
@@ -162,8 +160,8 @@ WOLFSSL_CTX *tls_client_ctx(const struct upstream_cfg *u, char *err, size_t errl
             goto fail;
         }
         if (wolfSSL_CTX_check_private_key(ctx) != WOLFSSL_SUCCESS) {
-            snprintf(err, errlen, "key 'key': '%s' does not match the certificate in '%s'",
-                     u->key, u->cert);
+            snprintf(err, errlen, "key 'key': '%s' does not match the certificate in '%s'", u->key,
+                     u->cert);
             goto fail;
         }
     }
@@ -192,8 +190,7 @@ WOLFSSL *tls_client_ssl(WOLFSSL_CTX *ctx, const struct upstream_cfg *u, int fd)
     if (is_ip_literal(name)) {
         /* RFC 6066 3: no IP literals in SNI; check the IP SAN instead. */
         if (u->verify &&
-            wolfSSL_X509_VERIFY_PARAM_set1_ip_asc(wolfSSL_get0_param(ssl), name) !=
-                WOLFSSL_SUCCESS)
+            wolfSSL_X509_VERIFY_PARAM_set1_ip_asc(wolfSSL_get0_param(ssl), name) != WOLFSSL_SUCCESS)
             goto fail;
     } else {
         if (wolfSSL_UseSNI(ssl, WOLFSSL_SNI_HOST_NAME, name, (unsigned short)strlen(name)) !=

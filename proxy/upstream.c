@@ -17,14 +17,14 @@
 #include "log.h"
 
 #define R_UNREACHABLE "421 4.4.1 Upstream server unreachable, try again later\r\n"
-#define R_FAILED "421 4.4.2 Upstream server error, try again later\r\n"
+#define R_FAILED      "421 4.4.2 Upstream server error, try again later\r\n"
 
 static const char *stage_name(enum upstream_phase p)
 {
     static const char *const names[] = {
-        [UP_IDLE] = "idle",         [UP_CONNECTING] = "connect", [UP_GREETING] = "greeting",
-        [UP_EHLO] = "ehlo",         [UP_STARTTLS] = "starttls",  [UP_HANDSHAKE] = "tls",
-        [UP_READY] = "ready",       [UP_CLOSED] = "closed",
+        [UP_IDLE] = "idle",   [UP_CONNECTING] = "connect", [UP_GREETING] = "greeting",
+        [UP_EHLO] = "ehlo",   [UP_STARTTLS] = "starttls",  [UP_HANDSHAKE] = "tls",
+        [UP_READY] = "ready", [UP_CLOSED] = "closed",
     };
     return names[p];
 }
@@ -91,8 +91,7 @@ void upstream_start(struct session *s)
         return;
     if (up->ai == NULL) {
         s->uphase = UP_CONNECTING;
-        upstream_fail(s, R_UNREACHABLE, "cannot resolve %s: %s", ucfg(s)->address,
-                      up->resolve_err);
+        upstream_fail(s, R_UNREACHABLE, "cannot resolve %s: %s", ucfg(s)->address, up->resolve_err);
         return;
     }
     s->ai_next = 0;
@@ -102,8 +101,7 @@ void upstream_start(struct session *s)
 /* Closes the current attempt and tries the next resolved address. */
 static void redial(struct session *s, const char *why)
 {
-    slog(s, LOG_LVL_INFO, "event=upstream_retry upstream=%s reason=\"%s\"", ucfg(s)->address,
-         why);
+    slog(s, LOG_LVL_INFO, "event=upstream_retry upstream=%s reason=\"%s\"", ucfg(s)->address, why);
     conn_release(&s->u);
     s->ai_next++;
     dial_next(s);
@@ -243,8 +241,8 @@ int upstream_step(struct session *s)
     case UP_HANDSHAKE:
         n = conn_handshake(u, 0);
         if (n < 0) {
-            upstream_fail(s, NULL, "TLS handshake with %s (name %s) failed: %s",
-                          ucfg(s)->address, ucfg(s)->server_name, u->errmsg);
+            upstream_fail(s, NULL, "TLS handshake with %s (name %s) failed: %s", ucfg(s)->address,
+                          ucfg(s)->server_name, u->errmsg);
             return 0;
         }
         if (n == 0)
@@ -347,6 +345,5 @@ void upstream_timeout(struct session *s)
         return;
     }
     upstream_fail(s, NULL, "timeout waiting for the upstream's %s (%gs)",
-                  s->uphase == UP_READY ? "reply" : stage_name(s->uphase),
-                  ucfg(s)->reply_timeout);
+                  s->uphase == UP_READY ? "reply" : stage_name(s->uphase), ucfg(s)->reply_timeout);
 }
