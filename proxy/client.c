@@ -250,7 +250,7 @@ static int edit_ehlo_reply(struct session *s, size_t rlen)
         if (u->in.off >= grow) {
             u->in.off -= (uint32_t)grow;
             u->in.len += (uint32_t)grow;
-        } else if (conn_in_room(u) >= grow) {
+        } else if (s->cfg->buffer_size - u->in.off - u->in.len >= grow) {
             memmove(u->in.data + u->in.off + outlen, u->in.data + u->in.off + rlen,
                     u->in.len - rlen);
             u->in.len += (uint32_t)grow;
@@ -396,12 +396,21 @@ static int follow_lines(struct session *s)
     int gate = s->li->cfg->require_auth && !s->authed;
     size_t ll;
 
-    if (s->uphase != UP_READY || s->await != AWAIT_NONE || c->pass > 0 ||
-        conn_pending_out(c, &s->u) > 0)
+    if (s->uphase != UP_READY) {
+        /* A command is waiting for the upstream: from now on the upstream's
+         * own deadlines bound the wait, not the client's. */
+        if (ev_is_active(&c->timer) && c->in.len > 0 &&
+            memchr(c->in.data + c->in.off, '\n', c->in.len) != NULL)
+            conn_deadline(c, 0);
+        return 0;
+    }
+    if (s->await != AWAIT_NONE || c->pass > 0 || conn_pending_out(c, &s->u) > 0)
         return 0;
     if (c->in.len == 0) {
         if (c->eof)
             session_close(s, "client closed connection");
+        else if (!ev_is_active(&c->timer))
+            conn_deadline(c, s->cfg->command_timeout);
         return 0;
     }
     const char *p = c->in.data + c->in.off;

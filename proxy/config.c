@@ -49,7 +49,10 @@ static void perr(struct parse *p, int line, const char *fmt, ...)
 {
     va_list ap;
 
-    fprintf(stderr, "%s:%d: ", p->file, line);
+    if (line > 0)
+        fprintf(stderr, "%s:%d: ", p->file, line);
+    else
+        fprintf(stderr, "%s: ", p->file);
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
     va_end(ap);
@@ -648,6 +651,8 @@ static void validate(struct parse *p)
     struct config *cfg = p->cfg;
     char sec[160];
 
+    if (cfg->max_errors == 0)
+        perr(p, 0, "[global] key 'max_errors': must be at least 1");
     if (cfg->buffer_size < 4096 || cfg->buffer_size > 1024 * 1024)
         perr(p, 0, "[global] key 'buffer_size': must be between 4k and 1m");
     if (cfg->nupstreams == 0)

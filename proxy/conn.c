@@ -22,19 +22,24 @@
 #define POOL_KEEP 64
 
 static char *pool[POOL_KEEP];
-static size_t pool_n;
+static size_t pool_n, pool_size;
 
+/* Blocks of one size are pooled; a new size (after a reload that changed
+ * buffer_size) empties the pool, and blocks of another size are freed. */
 static char *buf_get(size_t size)
 {
-    (void)size;
+    if (size != pool_size) {
+        conn_pool_trim();
+        pool_size = size;
+    }
     if (pool_n > 0)
         return pool[--pool_n];
     return malloc(size);
 }
 
-static void buf_put(char *p)
+static void buf_put(char *p, size_t size)
 {
-    if (pool_n < POOL_KEEP)
+    if (size == pool_size && pool_n < POOL_KEEP)
         pool[pool_n++] = p;
     else
         free(p);
@@ -84,7 +89,7 @@ void conn_release(struct conn *c)
         c->fd = -1;
     }
     if (c->in.data != NULL) {
-        buf_put(c->in.data);
+        buf_put(c->in.data, cap_of(c));
         c->in.data = NULL;
     }
     c->in.off = c->in.len = 0;
@@ -166,7 +171,7 @@ int conn_fill(struct conn *c)
             return -1;
         }
         if (c->in.len == 0) {
-            buf_put(c->in.data);
+            buf_put(c->in.data, cap_of(c));
             c->in.data = NULL;
         }
         return 0;
@@ -178,7 +183,7 @@ int conn_fill(struct conn *c)
         return (int)r;
     }
     if (c->in.len == 0) {
-        buf_put(c->in.data);
+        buf_put(c->in.data, cap_of(c));
         c->in.data = NULL;
     }
     if (r == 0) {
@@ -203,7 +208,7 @@ void conn_consume(struct conn *c, uint32_t n)
     if (c->in.len == 0) {
         c->in.off = 0;
         if (c->in.data != NULL) {
-            buf_put(c->in.data);
+            buf_put(c->in.data, cap_of(c));
             c->in.data = NULL;
         }
     }

@@ -24,21 +24,103 @@ static struct runtime *active; /* the runtime whose listeners accept */
 static ev_timer resume_timer;
 static int paused;
 
+/* How often upstream names are resolved again, and how soon after a failure. */
+#define RESOLVE_EVERY 60.0
+#define RESOLVE_RETRY 5.0
+
 static int resolve(struct upstream_rt *up)
 {
-    struct addrinfo hints, *res = NULL;
+    struct addrinfo *res = NULL;
     int rc;
 
-    memset(&hints, 0, sizeof(hints));
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_protocol = IPPROTO_TCP;
-    rc = getaddrinfo(up->cfg->host, up->cfg->port, &hints, &res);
+    memset(&up->hints, 0, sizeof(up->hints));
+    up->hints.ai_socktype = SOCK_STREAM;
+    up->hints.ai_protocol = IPPROTO_TCP;
+    rc = getaddrinfo(up->cfg->host, up->cfg->port, &up->hints, &res);
     if (rc != 0) {
         snprintf(up->resolve_err, sizeof(up->resolve_err), "%s", gai_strerror(rc));
         return -1;
     }
     up->ai = res;
     return 0;
+}
+
+static void resolved_thread(union sigval sv)
+{
+    struct upstream_rt *up = sv.sival_ptr;
+
+    ev_async_send(EV_DEFAULT, &up->resolved);
+}
+
+static void resolved_cb(struct ev_loop *loop, ev_async *w, int revents)
+{
+    struct upstream_rt *up = w->data;
+    int rc = gai_error(&up->gai);
+
+    (void)loop;
+    (void)revents;
+    if (rc == EAI_INPROGRESS)
+        return;
+    up->busy = 0;
+    if (rc == 0 && up->gai.ar_result != NULL) {
+        if (up->ai == NULL)
+            log_msg(LOG_LVL_INFO, 0, "event=resolved upstream=%s", up->cfg->address);
+        else
+            freeaddrinfo(up->ai);
+        up->ai = up->gai.ar_result;
+        up->gai.ar_result = NULL;
+        up->resolve_err[0] = '\0';
+    } else {
+        /* Keep the addresses we had: a DNS hiccup must not stop mail. */
+        snprintf(up->resolve_err, sizeof(up->resolve_err), "%s", gai_strerror(rc));
+        log_msg(LOG_LVL_WARNING, 0, "event=resolve_failed upstream=%s error=\"%s\"%s",
+                up->cfg->address, up->resolve_err,
+                up->ai ? " (keeping the previous addresses)" : "");
+    }
+    ev_timer_stop(EV_DEFAULT, &up->refresh);
+    ev_timer_set(&up->refresh, up->ai ? RESOLVE_EVERY : RESOLVE_RETRY, 0.);
+    ev_timer_start(EV_DEFAULT, &up->refresh);
+}
+
+void upstream_rt_refresh(struct upstream_rt *up)
+{
+    struct gaicb *list[1] = {&up->gai};
+    struct sigevent sev;
+
+    if (up->busy || !ev_is_active(&up->resolved))
+        return;
+    memset(&up->gai, 0, sizeof(up->gai));
+    up->gai.ar_name = up->cfg->host;
+    up->gai.ar_service = up->cfg->port;
+    up->gai.ar_request = &up->hints;
+    memset(&sev, 0, sizeof(sev));
+    sev.sigev_notify = SIGEV_THREAD;
+    sev.sigev_notify_function = resolved_thread;
+    sev.sigev_value.sival_ptr = up;
+    if (getaddrinfo_a(GAI_NOWAIT, list, 1, &sev) == 0)
+        up->busy = 1;
+}
+
+static void refresh_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    upstream_rt_refresh(w->data);
+}
+
+/* Waits for a lookup still in flight (at shutdown or reload only). */
+static void resolver_stop(struct upstream_rt *up)
+{
+    const struct gaicb *list[1] = {&up->gai};
+
+    ev_async_stop(EV_DEFAULT, &up->resolved);
+    ev_timer_stop(EV_DEFAULT, &up->refresh);
+    if (up->busy && gai_cancel(&up->gai) != EAI_CANCELED)
+        while (gai_error(&up->gai) == EAI_INPROGRESS)
+            gai_suspend(list, 1, NULL);
+    if (up->busy && up->gai.ar_result)
+        freeaddrinfo(up->gai.ar_result);
+    up->busy = 0;
 }
 
 static int bind_one(struct listener *li, const char *spec)
@@ -178,6 +260,7 @@ void runtime_unref(struct runtime *rt)
             wolfSSL_CTX_free(li->ctx);
     }
     for (size_t i = 0; i < rt->nups; i++) {
+        resolver_stop(&rt->ups[i]);
         if (rt->ups[i].ctx)
             wolfSSL_CTX_free(rt->ups[i].ctx);
         if (rt->ups[i].ai)
@@ -212,6 +295,16 @@ static void resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 void listener_start(struct runtime *rt)
 {
+    for (size_t i = 0; i < rt->nups; i++) {
+        struct upstream_rt *up = &rt->ups[i];
+        ev_async_init(&up->resolved, resolved_cb);
+        up->resolved.data = up;
+        ev_async_start(EV_DEFAULT, &up->resolved);
+        ev_init(&up->refresh, refresh_cb);
+        up->refresh.data = up;
+        ev_timer_set(&up->refresh, up->ai ? RESOLVE_EVERY : RESOLVE_RETRY, 0.);
+        ev_timer_start(EV_DEFAULT, &up->refresh);
+    }
     active = rt;
     ev_init(&resume_timer, resume_cb);
     set_watchers(rt, 1);

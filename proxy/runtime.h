@@ -16,9 +16,19 @@
 struct upstream_rt {
     const struct upstream_cfg *cfg;
     WOLFSSL_CTX *ctx;    /* NULL when tls = none */
-    struct addrinfo *ai; /* resolved at start; NULL if resolution failed */
+    struct addrinfo *ai; /* current addresses; NULL while none are known */
     char resolve_err[128];
+    /* Re-resolution runs in glibc's resolver thread (getaddrinfo_a), never
+     * in the event loop; the result comes back through an ev_async. */
+    struct gaicb gai;
+    struct addrinfo hints;
+    ev_async resolved;
+    ev_timer refresh;
+    int busy;
 };
+
+/* Starts (or hurries) a background re-resolution of the upstream's name. */
+void upstream_rt_refresh(struct upstream_rt *up);
 
 struct listener {
     const struct listener_cfg *cfg;

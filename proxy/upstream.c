@@ -85,11 +85,12 @@ static void dial_next(struct session *s)
 
 void upstream_start(struct session *s)
 {
-    const struct upstream_rt *up = s->li->up;
+    struct upstream_rt *up = s->li->up;
 
     if (s->uphase != UP_IDLE)
         return;
     if (up->ai == NULL) {
+        upstream_rt_refresh(s->li->up);
         s->uphase = UP_CONNECTING;
         upstream_fail(s, R_UNREACHABLE, "cannot resolve %s: %s", ucfg(s)->address, up->resolve_err);
         return;
