@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 /* inih's line buffer is 200 bytes including CR, LF and NUL. */
@@ -39,6 +40,7 @@ struct parse {
     struct upstream_cfg *up;
     struct listener_cfg *li;
     int in_global;
+    int global_line;
     int bad_section;
 };
 
@@ -66,37 +68,58 @@ static char *reader(char *str, int num, void *stream)
 {
     struct parse *p = stream;
     struct reader *r = &p->rd;
-    const char *nl;
-    size_t len, take;
+    const char *nl, *c;
+    size_t len, content;
 
     if (*r->p == '\0')
         return NULL;
     r->line++;
+    /* inih skips a UTF-8 byte-order mark; so must our section detection. */
+    if (r->line == 1 && strncmp(r->p, "\xEF\xBB\xBF", 3) == 0)
+        r->p += 3;
     nl = strchr(r->p, '\n');
     len = nl ? (size_t)(nl - r->p) + 1 : strlen(r->p);
-    take = len;
-    if (take > (size_t)num - 1 || len > MAX_LINE + 1) {
+    content = len;
+    if (content > 0 && r->p[content - 1] == '\n')
+        content--;
+    if (content > 0 && r->p[content - 1] == '\r')
+        content--;
+    /* Whatever we reject is handed to inih as a comment, so that it neither
+     * misparses the rest of a long line nor stops at the first error. */
+    if (content > MAX_LINE || len > (size_t)num - 1) {
         perr(p, r->line, "line longer than %d characters", MAX_LINE);
-        /* Hand inih a comment instead, so it does not misparse the rest. */
-        str[0] = ';';
-        str[1] = '\0';
-        r->p += len;
-        return str;
+        goto comment;
     }
-    memcpy(str, r->p, take);
-    str[take] = '\0';
+    memcpy(str, r->p, len);
+    str[len] = '\0';
     r->p += len;
-    /* Section headers are handled here rather than in the handler, so that an
-     * empty section, or one repeated right after itself, is still seen. */
-    const char *c = str;
-    while (*c == ' ' || *c == '\t')
-        c++;
-    const char *close = *c == '[' ? strchr(c, ']') : NULL;
-    if (close != NULL) {
+    for (c = str; *c == ' ' || *c == '\t'; c++)
+        ;
+    if (*c == '\0' || *c == '\n' || *c == '\r' || *c == ';' || *c == '#')
+        return str;
+    if (*c == '[') {
+        /* Section headers are handled here rather than in the handler, so
+         * that an empty section, or one repeated right after itself, is seen. */
+        const char *close = strchr(c, ']');
         char name[128];
+        if (close == NULL) {
+            perr(p, r->line, "syntax error: '[' without ']'");
+            goto comment_consumed;
+        }
         snprintf(name, sizeof(name), "%.*s", (int)(close - c - 1), c + 1);
         begin_section(p, name);
+        return str;
     }
+    if (strpbrk(c, "=:") == NULL) {
+        perr(p, r->line, "syntax error: expected 'key = value', '[section]' or a comment");
+        goto comment_consumed;
+    }
+    return str;
+comment:
+    r->p += len;
+comment_consumed:
+    str[0] = ';';
+    str[1] = '\0';
     return str;
 }
 
@@ -151,7 +174,7 @@ static int parse_duration(const char *v, double *out)
 
     errno = 0;
     d = strtod(v, &end);
-    if (end == v || errno != 0 || d < 0)
+    if (end == v || errno != 0 || !(d >= 0)) /* !(d >= 0) also catches NaN */
         return -1;
     if (*end == '\0' || strcmp(end, "s") == 0)
         ;
@@ -517,6 +540,13 @@ static int begin_section(struct parse *p, const char *section)
     p->in_global = 0;
     p->bad_section = 0;
     if (strcmp(section, "global") == 0) {
+        if (p->global_line) {
+            perr(p, p->rd.line, "[global]: section defined twice (first at line %d)",
+                 p->global_line);
+            p->bad_section = 1;
+            return -1;
+        }
+        p->global_line = p->rd.line;
         p->in_global = 1;
         return 0;
     }
@@ -642,8 +672,14 @@ static int handler(void *user, const char *section, const char *name, const char
 static void check_readable(struct parse *p, int line, const char *section, const char *key,
                            const char *path)
 {
-    if (path != NULL && access(path, R_OK) == -1)
+    struct stat st;
+
+    if (path == NULL)
+        return;
+    if (access(path, R_OK) == -1)
         perr(p, line, "[%s] key '%s': cannot read '%s': %s", section, key, path, strerror(errno));
+    else if (stat(path, &st) == 0 && !S_ISREG(st.st_mode))
+        perr(p, line, "[%s] key '%s': '%s' is not a regular file", section, key, path);
 }
 
 static void validate(struct parse *p)
@@ -718,6 +754,10 @@ static void validate(struct parse *p)
                 perr(p, li->line,
                      "[%s]: no unnamed [upstream] section; set 'upstream = NAME' to pick one", sec);
         }
+        for (size_t k = 0; k < li->nlisten; k++)
+            for (size_t m = 0; m < k; m++)
+                if (strcmp(li->listen[k], li->listen[m]) == 0)
+                    perr(p, li->line, "[%s] key 'listen': %s is listed twice", sec, li->listen[k]);
         for (size_t k = 0; k < li->nlisten; k++)
             for (size_t j = 0; j < i; j++)
                 for (size_t m = 0; m < cfg->listeners[j].nlisten; m++)

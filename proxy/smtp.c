@@ -194,45 +194,58 @@ int smtp_ehlo_filter(const char *in, size_t len, char *out, size_t outcap, const
 {
     struct smtp_reply r;
     const char *err;
-    size_t off = 0, o = 0, linelen = 0, last = 0;
-    int first = 1, have_last = 0;
+    size_t start[SMTP_MAX_REPLY_LINES], llen[SMTP_MAX_REPLY_LINES];
+    size_t off = 0, o = 0, linelen = 0, nkept = 0, nout;
+    int have_add = 0;
 
     if (smtp_parse_reply(in, len, &r, &err) != SMTP_REPLY_COMPLETE || r.len != len)
         return -1;
-    while (off < len) {
+    /* First pass: which lines stay. The first line (the server name) always
+     * stays; it is never a keyword line. */
+    for (int first = 1; off < len; off += linelen, first = 0) {
         smtp_find_line(in + off, len - off, &linelen);
-        if (!first && drop != NULL && line_is_keyword(in + off, linelen, drop)) {
-            off += linelen;
+        if (!first && drop != NULL && line_is_keyword(in + off, linelen, drop))
+            continue;
+        if (!first && add != NULL && line_is_keyword(in + off, linelen, add))
+            have_add = 1;
+        start[nkept] = off;
+        llen[nkept] = linelen;
+        nkept++;
+    }
+    nout = nkept + (add != NULL && !have_add);
+    /* Second pass: copy, with "-" on every line but the last and " " on the
+     * last. Lines are otherwise copied byte for byte; a bare "DDD" line that
+     * is no longer last gains a "-" (it has no marker to flip). */
+    for (size_t i = 0; i < nkept; i++) {
+        const char *line = in + start[i];
+        int last = i + 1 == nout;
+        size_t n = content_len(line, llen[i]);
+        if (n == 3 && !last) {
+            if (o + llen[i] + 1 > outcap)
+                return -1;
+            memcpy(out + o, line, 3);
+            out[o + 3] = '-';
+            memcpy(out + o + 4, line + 3, llen[i] - 3);
+            o += llen[i] + 1;
             continue;
         }
-        /* A bare "250" line has no marker; it gets one, so that the line can
-         * be a continuation once another line follows it. */
-        size_t extra = content_len(in + off, linelen) == 3 ? 1 : 0;
-        if (o + linelen + extra > outcap)
+        if (o + llen[i] > outcap)
             return -1;
-        memcpy(out + o, in + off, 3);
-        memcpy(out + o + 3 + extra, in + off + 3, linelen - 3);
-        out[o + 3] = '-';
-        last = o;
-        have_last = 1;
-        o += linelen + extra;
-        off += linelen;
-        first = 0;
+        memcpy(out + o, line, llen[i]);
+        if (n >= 4)
+            out[o + 3] = last ? ' ' : '-';
+        o += llen[i];
     }
-    if (add != NULL && !smtp_ehlo_has(out, o, add)) {
+    if (nout > nkept) {
         size_t alen = strlen(add);
         if (o + 4 + alen + 2 > outcap)
             return -1;
         memcpy(out + o, in, 3);
-        out[o + 3] = '-';
+        out[o + 3] = ' ';
         memcpy(out + o + 4, add, alen);
         memcpy(out + o + 4 + alen, "\r\n", 2);
-        last = o;
         o += 4 + alen + 2;
     }
-    if (!have_last)
-        return -1;
-    out[last + 3] = ' ';
     *outlen = o;
     return 0;
 }

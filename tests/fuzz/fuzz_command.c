@@ -47,11 +47,12 @@ static void check_line(const char *line, size_t len)
         REQUIRE(cmd.arg == NULL && cmd.arg_len == 0);
         /* An error must have a reason we can see. */
         REQUIRE(len > SMTP_MAX_COMMAND_LINE || memchr(line, '\0', n) != NULL ||
-                memchr(line, '\r', n) != NULL);
+                memchr(line, '\r', n) != NULL || memchr(line, '\n', n) != NULL);
         return;
     }
     REQUIRE(len <= SMTP_MAX_COMMAND_LINE);
-    REQUIRE(memchr(line, '\0', n) == NULL && memchr(line, '\r', n) == NULL);
+    REQUIRE(memchr(line, '\0', n) == NULL && memchr(line, '\r', n) == NULL &&
+            memchr(line, '\n', n) == NULL);
     REQUIRE((int)cmd.verb >= SMTP_VERB_UNKNOWN && (int)cmd.verb <= SMTP_VERB_XCLIENT);
 
     /* The argument lies inside the line content, trimmed of spaces. */

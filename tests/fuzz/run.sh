@@ -13,6 +13,11 @@ declare -A EXTRA_SRCS=(
     [fuzz_command]="proxy/smtp.c"
     [fuzz_reply]="proxy/smtp.c"
     [fuzz_ehlo]="proxy/smtp.c"
+    [fuzz_config]="proxy/config.c proxy/log.c"
+)
+# Optional extra libraries per target (linked after the sources).
+declare -A EXTRA_LIBS=(
+    [fuzz_config]="-linih"
 )
 # Optional extra libFuzzer flags per target.
 declare -A EXTRA_ARGS=(
@@ -55,7 +60,7 @@ for src in "${targets[@]}"; do
     fi
     echo "== $name: build"
     # shellcheck disable=SC2086  # word splitting of the flag/source lists
-    if ! $CC $CFLAGS "$src" ${EXTRA_SRCS[$name]} -o "$out/$name"; then
+    if ! $CC $CFLAGS "$src" ${EXTRA_SRCS[$name]} ${EXTRA_LIBS[$name]-} -o "$out/$name"; then
         summary+=("$name: BUILD FAILED")
         status=1
         continue
