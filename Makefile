@@ -5,6 +5,7 @@
 #   make test            install what is missing, build, run every test
 #   make install         install binary, config and docs under $(PREFIX)
 #   make SANITIZER=address   ASan+UBSan build in build/asan/
+#   make WOLFSSL=system  link Debian's libwolfssl instead of our own build
 #   make format          reformat the C sources (make format-check checks)
 
 CC        ?= cc
@@ -12,16 +13,36 @@ CFLAGS    ?= -O2 -g
 WARN      := -Wall -Wextra -Werror -Wshadow -Wconversion -Wstrict-prototypes -Wmissing-prototypes
 CPPFLAGS  += -D_GNU_SOURCE -Iproxy
 STD       := -std=c17
-LIBS      := -lwolfssl -lev -linih
 PREFIX    ?= /usr/local
 DESTDIR   ?=
 PYTHON    := /usr/bin/python3
 VERSION   := 0.1.0
 
+# TLS library: "static" (default) is Debian's wolfssl source package built by
+# scripts/wolfssl.sh with x86-64 assembly and a lean feature set, cached in
+# build/wolfssl; "system" links Debian's packaged libwolfssl (no assembly,
+# no TLS 1.0) as a fallback.
+WOLFSSL   ?= static
+WOLFSSL_DIR := build/wolfssl
+ifeq ($(WOLFSSL),static)
+  SUFFIX  :=
+  WOLF_INC := -I$(WOLFSSL_DIR)/include
+  WOLF_LIB := $(WOLFSSL_DIR)/lib/libwolfssl.a -lm -lpthread
+  WOLF_DEP := $(WOLFSSL_DIR)/lib/libwolfssl.a
+else ifeq ($(WOLFSSL),system)
+  SUFFIX  := -system
+  WOLF_INC :=
+  WOLF_LIB := -lwolfssl
+  WOLF_DEP :=
+else
+  $(error WOLFSSL must be 'static' or 'system')
+endif
+LIBS      := $(WOLF_LIB) -lev -linih
+
 ifeq ($(SANITIZER),)
-  BUILD   := build
+  BUILD   := build$(SUFFIX)
 else ifeq ($(SANITIZER),address)
-  BUILD   := build/asan
+  BUILD   := build/asan$(SUFFIX)
   CFLAGS  := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
   LDFLAGS += -fsanitize=address,undefined
 else
@@ -40,8 +61,11 @@ all: deps-build $(BIN)
 deps-build:
 	@scripts/deps.sh build
 
-$(BUILD)/obj/%.o: proxy/%.c $(wildcard proxy/*.h) | $(BUILD)/obj
-	$(CC) $(STD) $(CFLAGS) $(WARN) $(CPPFLAGS) -DSMTPBRIDGE_VERSION='"$(VERSION)"' -c $< -o $@
+$(BUILD)/obj/%.o: proxy/%.c $(wildcard proxy/*.h) $(WOLF_DEP) | $(BUILD)/obj
+	$(CC) $(STD) $(CFLAGS) $(WARN) $(CPPFLAGS) $(WOLF_INC) -DSMTPBRIDGE_VERSION='"$(VERSION)"' -c $< -o $@
+
+$(WOLFSSL_DIR)/lib/libwolfssl.a: scripts/wolfssl.sh
+	scripts/wolfssl.sh $(WOLFSSL_DIR)
 
 $(BIN): $(OBJS)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $(OBJS) $(LIBS)
@@ -81,11 +105,11 @@ test-unit: $(UNIT_TESTS)
 	@set -e; for t in $(UNIT_TESTS); do echo "== $$t"; $$t; done
 
 test-integration: all
-	SMTPBRIDGE_BIN=$(CURDIR)/build/smtpbridge $(PYTHON) -m pytest -q tests/integration
+	SMTPBRIDGE_BIN=$(CURDIR)/$(BIN) $(PYTHON) -m pytest -q tests/integration
 
 test-asan:
 	@$(MAKE) --no-print-directory SANITIZER=address all
-	SMTPBRIDGE_BIN=$(CURDIR)/build/asan/smtpbridge ASAN_OPTIONS=detect_leaks=1 \
+	SMTPBRIDGE_BIN=$(CURDIR)/build/asan$(SUFFIX)/smtpbridge ASAN_OPTIONS=detect_leaks=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1 $(PYTHON) -m pytest -q tests/integration
 
 FUZZ_SECONDS ?= 20
@@ -112,4 +136,4 @@ test:
 	@$(MAKE) --no-print-directory test-fuzz
 
 clean:
-	rm -rf build
+	rm -rf build build-system

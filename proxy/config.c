@@ -732,9 +732,6 @@ static void validate(struct parse *p)
             perr(p, li->line, "[%s]: missing required key 'key'", sec);
         check_readable(p, li->line, sec, "cert", li->cert);
         check_readable(p, li->line, sec, "key", li->key);
-        if (li->min_tls < TLS_V11)
-            perr(p, li->line,
-                 "[%s] key 'min_tls': TLS 1.0 is not available in this build (lowest is 1.1)", sec);
         if (!li->require_auth && li->nallow_from == 0)
             perr(p, li->line,
                  "[%s] key 'require_auth': 'no' needs 'allow_from' networks (the listener "

@@ -6,6 +6,7 @@
 #include <arpa/inet.h>
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 
 #include <wolfssl/error-ssl.h>
 #include <wolfssl/wolfcrypt/error-crypt.h>
@@ -21,6 +22,73 @@
     CIPHERS_MODERN ":ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA:"          \
                    "ECDHE-RSA-AES256-SHA:AES128-GCM-SHA256:AES256-GCM-SHA384:AES128-SHA:"          \
                    "AES256-SHA"
+
+/* OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH; wolfSSL has no name for it. */
+#define VERIFY_ERR_NAME_MISMATCH 62
+
+/* Set by verify_cb when it refuses the leaf's names, read by
+ * tls_describe_error() right after the failed handshake step returns (both
+ * happen inside one wolfSSL_connect() call chain, so they cannot
+ * interleave with another session's). */
+static int name_mismatch;
+
+static int is_ip_literal(const char *s)
+{
+    unsigned char buf[16];
+
+    return inet_pton(AF_INET, s, buf) == 1 || inet_pton(AF_INET6, s, buf) == 1;
+}
+
+int tls_name_matches(const char *pattern, const char *name)
+{
+    size_t plen = strlen(pattern), nlen = strlen(name);
+    const char *dot;
+
+    if (plen == 0 || nlen == 0)
+        return 0;
+    if (pattern[0] != '*')
+        return memchr(pattern, '*', plen) == NULL && plen == nlen &&
+               strncasecmp(pattern, name, plen) == 0;
+    /* RFC 9525 6.3: "*" only as the whole left-most label, matching exactly
+     * one label; and not directly under a top-level name ("*.com"). */
+    if (plen < 4 || pattern[1] != '.' || memchr(pattern + 2, '*', plen - 2) != NULL ||
+        strchr(pattern + 2, '.') == NULL)
+        return 0;
+    dot = strchr(name, '.');
+    if (dot == NULL || dot == name)
+        return 0;
+    return strcasecmp(dot + 1, pattern + 2) == 0;
+}
+
+/*
+ * Called by wolfSSL for every certificate of the upstream's chain (Debian's
+ * and our build define WOLFSSL_ALWAYS_VERIFY_CB). wolfSSL's own host-name
+ * check falls back to the subject CN and accepts partial wildcards such as
+ * "up*.test"; RFC 9525 (6.3, 6.4.4) allows neither, so on the leaf we require
+ * a subjectAltName dNSName that matches by the RFC's rules.
+ */
+static int verify_cb(int preverify, WOLFSSL_X509_STORE_CTX *store)
+{
+    const struct upstream_cfg *u = store->userCtx;
+    char *alt;
+    int ok = 0;
+
+    if (!preverify)
+        return 0;
+    if (store->error_depth != 0 || u == NULL || is_ip_literal(u->server_name))
+        return 1; /* IP names are checked by wolfSSL against IP SANs */
+    if (store->current_cert == NULL)
+        return 0;
+    name_mismatch = 0;
+    while ((alt = wolfSSL_X509_get_next_altname(store->current_cert)) != NULL)
+        if (tls_name_matches(alt, u->server_name))
+            ok = 1;
+    if (!ok) {
+        wolfSSL_X509_STORE_CTX_set_error(store, VERIFY_ERR_NAME_MISMATCH);
+        name_mismatch = 1;
+    }
+    return ok;
+}
 
 int tls_init(void)
 {
@@ -73,8 +141,10 @@ WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, char *err, size_t err
         return NULL;
     }
     if (wolfSSL_CTX_SetMinVersion(ctx, wolf_version(li->min_tls)) != WOLFSSL_SUCCESS) {
-        snprintf(err, errlen, "TLS %d.%d is not supported by this wolfSSL build", li->min_tls / 10,
-                 li->min_tls % 10);
+        snprintf(err, errlen,
+                 "key 'min_tls': TLS %d.%d is not supported by this wolfSSL build (the "
+                 "project's own build, make WOLFSSL=static, has TLS 1.0 and 1.1)",
+                 li->min_tls / 10, li->min_tls % 10);
         goto fail;
     }
     if (wolfSSL_CTX_set_cipher_list(ctx, li->min_tls < TLS_V12 ? CIPHERS_LEGACY : CIPHERS_MODERN) !=
@@ -142,7 +212,7 @@ WOLFSSL_CTX *tls_client_ctx(const struct upstream_cfg *u, char *err, size_t errl
                      u->ca_file, e);
             goto fail;
         }
-        wolfSSL_CTX_set_verify(ctx, WOLFSSL_VERIFY_PEER, NULL);
+        wolfSSL_CTX_set_verify(ctx, WOLFSSL_VERIFY_PEER, verify_cb);
     } else {
         wolfSSL_CTX_set_verify(ctx, WOLFSSL_VERIFY_NONE, NULL);
     }
@@ -171,13 +241,6 @@ fail:
     return NULL;
 }
 
-static int is_ip_literal(const char *s)
-{
-    unsigned char buf[16];
-
-    return inet_pton(AF_INET, s, buf) == 1 || inet_pton(AF_INET6, s, buf) == 1;
-}
-
 WOLFSSL *tls_client_ssl(WOLFSSL_CTX *ctx, const struct upstream_cfg *u, int fd)
 {
     WOLFSSL *ssl = wolfSSL_new(ctx);
@@ -198,6 +261,7 @@ WOLFSSL *tls_client_ssl(WOLFSSL_CTX *ctx, const struct upstream_cfg *u, int fd)
             goto fail;
         if (u->verify && wolfSSL_check_domain_name(ssl, name) != WOLFSSL_SUCCESS)
             goto fail;
+        wolfSSL_SetCertCbCtx(ssl, (void *)u);
     }
     return ssl;
 fail:
@@ -221,10 +285,15 @@ const char *tls_describe_error(WOLFSSL *ssl, int ret, char *buf, size_t len)
     }
     err_string(code, e, sizeof(e));
     v = wolfSSL_get_verify_result(ssl);
-    if (v != 0)
+    if (name_mismatch || v == VERIFY_ERR_NAME_MISMATCH)
+        snprintf(buf, len,
+                 "certificate verification failed: no subjectAltName DNS entry matches the "
+                 "configured server_name (CN and partial wildcards are not accepted, RFC 9525)");
+    else if (v != 0)
         snprintf(buf, len, "certificate verification failed: %s (%ld); %s",
                  wolfSSL_X509_verify_cert_error_string(v), v, e);
     else
         snprintf(buf, len, "%s", e);
+    name_mismatch = 0;
     return buf;
 }

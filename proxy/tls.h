@@ -44,6 +44,14 @@ WOLFSSL_CTX *tls_client_ctx(const struct upstream_cfg *u, char *err, size_t errl
 WOLFSSL *tls_client_ssl(WOLFSSL_CTX *ctx, const struct upstream_cfg *u, int fd);
 
 /*
+ * tls_name_matches(pattern, name): RFC 9525 6.3 matching of a certificate's
+ * DNS name against the reference name: case-insensitive; "*" only as the
+ * complete left-most label of a pattern with at least two more labels, and
+ * matching exactly one label. Returns 1 on a match.
+ */
+int tls_name_matches(const char *pattern, const char *name);
+
+/*
  * tls_describe_error(ssl, ret, buf, len): a human description of why the
  * last wolfSSL call on ssl returned ret, including the certificate
  * verification error when there is one. Returns buf.
