@@ -624,6 +624,7 @@ static int handler(void *user, const char *section, const char *name, const char
     struct parse *p = user;
     const struct keydef *keys;
     char *base;
+    int *lines;
     int rc;
 
     (void)section;
@@ -633,12 +634,15 @@ static int handler(void *user, const char *section, const char *name, const char
     if (p->in_global) {
         keys = global_keys;
         base = (char *)p->cfg;
+        lines = p->cfg->key_line;
     } else if (p->up) {
         keys = upstream_keys;
         base = (char *)p->up;
+        lines = p->up->key_line;
     } else if (p->li) {
         keys = listener_keys;
         base = (char *)p->li;
+        lines = p->li->key_line;
     } else {
         perr(p, p->rd.line, "key '%s' outside of any section (put it under [global])", name);
         return 1;
@@ -651,6 +655,8 @@ static int handler(void *user, const char *section, const char *name, const char
             return 1;
         }
         p->seen |= 1ULL << i;
+        if (lines[i] == 0)
+            lines[i] = p->rd.line;
         rc = set_key(p, &keys[i], base, value);
         if (rc == -1) {
             char help[128];
@@ -668,6 +674,19 @@ static int handler(void *user, const char *section, const char *name, const char
     perr(p, p->rd.line, "[%s] key '%s': unknown key", section, name);
     return 1;
 }
+
+/* The line where a key was set, or the fallback (its section's header). */
+static int key_at(const int *lines, const struct keydef *keys, const char *name, int fallback)
+{
+    for (size_t i = 0; keys[i].name; i++)
+        if (strcmp(keys[i].name, name) == 0)
+            return lines[i] ? lines[i] : fallback;
+    return fallback;
+}
+
+#define G_AT(k) key_at(cfg->key_line, global_keys, (k), 0)
+#define U_AT(k) key_at(u->key_line, upstream_keys, (k), u->line)
+#define L_AT(k) key_at(li->key_line, listener_keys, (k), li->line)
 
 static void check_readable(struct parse *p, int line, const char *section, const char *key,
                            const char *path)
@@ -688,9 +707,9 @@ static void validate(struct parse *p)
     char sec[160];
 
     if (cfg->max_errors == 0)
-        perr(p, 0, "[global] key 'max_errors': must be at least 1");
+        perr(p, G_AT("max_errors"), "[global] key 'max_errors': must be at least 1");
     if (cfg->buffer_size < 4096 || cfg->buffer_size > 1024 * 1024)
-        perr(p, 0, "[global] key 'buffer_size': must be between 4k and 1m");
+        perr(p, G_AT("buffer_size"), "[global] key 'buffer_size': must be between 4k and 1m");
     if (cfg->nupstreams == 0)
         perr(p, 0, "no [upstream] section: where should mail go?");
     if (cfg->nlisteners == 0)
@@ -701,7 +720,7 @@ static void validate(struct parse *p)
         if (u->address == NULL) {
             perr(p, u->line, "[%s]: missing required key 'address'", sec);
         } else if (config_split_hostport(u->address, &u->host, &u->port) == -1) {
-            perr(p, u->line, "[%s] key 'address': '%s' is not host:port or [v6]:port", sec,
+            perr(p, U_AT("address"), "[%s] key 'address': '%s' is not host:port or [v6]:port", sec,
                  u->address);
         }
         if (u->server_name == NULL && u->host != NULL)
@@ -709,14 +728,15 @@ static void validate(struct parse *p)
         if (u->ca_file == NULL)
             u->ca_file = xstrdup("/etc/ssl/certs/ca-certificates.crt");
         if (u->min_tls < TLS_V12)
-            perr(p, u->line, "[%s] key 'min_tls': the upstream floor cannot be below 1.2", sec);
+            perr(p, U_AT("min_tls"), "[%s] key 'min_tls': the upstream floor cannot be below 1.2",
+                 sec);
         if ((u->cert == NULL) != (u->key == NULL))
             perr(p, u->line, "[%s]: 'cert' and 'key' must be set together", sec);
         if (u->tls != UPSTREAM_TLS_NONE) {
             if (u->verify)
-                check_readable(p, u->line, sec, "ca_file", u->ca_file);
-            check_readable(p, u->line, sec, "cert", u->cert);
-            check_readable(p, u->line, sec, "key", u->key);
+                check_readable(p, U_AT("ca_file"), sec, "ca_file", u->ca_file);
+            check_readable(p, U_AT("cert"), sec, "cert", u->cert);
+            check_readable(p, U_AT("key"), sec, "key", u->key);
         }
     }
     for (size_t i = 0; i < cfg->nlisteners; i++) {
@@ -730,15 +750,15 @@ static void validate(struct parse *p)
             perr(p, li->line, "[%s]: missing required key 'cert'", sec);
         if (li->key == NULL)
             perr(p, li->line, "[%s]: missing required key 'key'", sec);
-        check_readable(p, li->line, sec, "cert", li->cert);
-        check_readable(p, li->line, sec, "key", li->key);
+        check_readable(p, L_AT("cert"), sec, "cert", li->cert);
+        check_readable(p, L_AT("key"), sec, "key", li->key);
         if (!li->require_auth && li->nallow_from == 0)
-            perr(p, li->line,
+            perr(p, L_AT("require_auth"),
                  "[%s] key 'require_auth': 'no' needs 'allow_from' networks (the listener "
                  "would otherwise let anyone send mail as the proxy)",
                  sec);
         if (li->nallow > 0 && li->mode == LISTENER_IMPLICIT)
-            perr(p, li->line,
+            perr(p, L_AT("allow_plaintext_from"),
                  "[%s] key 'allow_plaintext_from': only meaningful on a starttls listener", sec);
         const char *want = li->upstream_name ? li->upstream_name : "";
         for (size_t j = 0; j < cfg->nupstreams; j++)
@@ -746,7 +766,8 @@ static void validate(struct parse *p)
                 li->upstream = &cfg->upstreams[j];
         if (li->upstream == NULL && cfg->nupstreams > 0) {
             if (li->upstream_name)
-                perr(p, li->line, "[%s] key 'upstream': no section [upstream %s]", sec, want);
+                perr(p, L_AT("upstream"), "[%s] key 'upstream': no section [upstream %s]", sec,
+                     want);
             else
                 perr(p, li->line,
                      "[%s]: no unnamed [upstream] section; set 'upstream = NAME' to pick one", sec);
@@ -754,13 +775,15 @@ static void validate(struct parse *p)
         for (size_t k = 0; k < li->nlisten; k++)
             for (size_t m = 0; m < k; m++)
                 if (strcmp(li->listen[k], li->listen[m]) == 0)
-                    perr(p, li->line, "[%s] key 'listen': %s is listed twice", sec, li->listen[k]);
+                    perr(p, L_AT("listen"), "[%s] key 'listen': %s is listed twice", sec,
+                         li->listen[k]);
         for (size_t k = 0; k < li->nlisten; k++)
             for (size_t j = 0; j < i; j++)
                 for (size_t m = 0; m < cfg->listeners[j].nlisten; m++)
                     if (strcmp(li->listen[k], cfg->listeners[j].listen[m]) == 0)
-                        perr(p, li->line, "[%s] key 'listen': %s is also used by [listener %s]",
-                             sec, li->listen[k], cfg->listeners[j].name);
+                        perr(p, L_AT("listen"),
+                             "[%s] key 'listen': %s is also used by [listener %s]", sec,
+                             li->listen[k], cfg->listeners[j].name);
     }
     if (cfg->hostname == NULL) {
         char h[256];
@@ -771,7 +794,8 @@ static void validate(struct parse *p)
     }
     for (const char *c = cfg->hostname; *c; c++) {
         if (*c <= ' ' || *c >= 0x7f) {
-            perr(p, 0, "[global] key 'hostname': must not contain spaces or control characters");
+            perr(p, G_AT("hostname"),
+                 "[global] key 'hostname': must not contain spaces or control characters");
             break;
         }
     }

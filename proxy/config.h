@@ -24,6 +24,9 @@ enum listener_mode { LISTENER_IMPLICIT = 0, LISTENER_STARTTLS };
 #define TLS_V12 12
 #define TLS_V13 13
 
+/* Most keys a section can have (bounds the key_line arrays). */
+#define CONFIG_MAX_KEYS 16
+
 struct cidr {
     int family; /* AF_INET or AF_INET6 */
     uint8_t addr[16];
@@ -43,6 +46,7 @@ struct upstream_cfg {
     char *cert, *key;
     int min_tls;
     double connect_timeout, reply_timeout;
+    int key_line[CONFIG_MAX_KEYS]; /* where each key was set (0: default) */
 };
 
 struct listener_cfg {
@@ -60,6 +64,7 @@ struct listener_cfg {
     int require_auth;    /* the auth gate: MAIL refused until the upstream said 235 */
     char *upstream_name; /* NULL: the default upstream */
     struct upstream_cfg *upstream;
+    int key_line[CONFIG_MAX_KEYS];
 };
 
 struct config {
@@ -76,6 +81,7 @@ struct config {
     size_t nupstreams;
     struct listener_cfg *listeners;
     size_t nlisteners;
+    int key_line[CONFIG_MAX_KEYS];
 };
 
 /*

@@ -5,6 +5,7 @@
 
 #include <arpa/inet.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -130,10 +131,129 @@ static int set_groups(WOLFSSL_CTX *ctx)
     return wolfSSL_CTX_set_groups(ctx, groups, (int)(sizeof(groups) / sizeof(groups[0])));
 }
 
+/* ---- start-up self-test: one handshake in memory against our own server ---- */
+
+struct memio {
+    unsigned char buf[2][16384 * 2]; /* [0] client->server, [1] server->client */
+    size_t len[2];
+};
+
+static int memio_io(int dir, int recv, char *b, int sz, void *ctx)
+{
+    struct memio *m = ctx;
+    size_t n;
+
+    if (recv) {
+        if (m->len[dir] == 0)
+            return WOLFSSL_CBIO_ERR_WANT_READ;
+        n = (size_t)sz < m->len[dir] ? (size_t)sz : m->len[dir];
+        memcpy(b, m->buf[dir], n);
+        memmove(m->buf[dir], m->buf[dir] + n, m->len[dir] - n);
+        m->len[dir] -= n;
+        return (int)n;
+    }
+    if (m->len[dir] + (size_t)sz > sizeof(m->buf[dir]))
+        return WOLFSSL_CBIO_ERR_WANT_WRITE;
+    memcpy(m->buf[dir] + m->len[dir], b, (size_t)sz);
+    m->len[dir] += (size_t)sz;
+    return sz;
+}
+
+static int c_recv(WOLFSSL *ssl, char *b, int sz, void *ctx)
+{
+    (void)ssl;
+    return memio_io(1, 1, b, sz, ctx);
+}
+
+static int c_send(WOLFSSL *ssl, char *b, int sz, void *ctx)
+{
+    (void)ssl;
+    return memio_io(0, 0, b, sz, ctx);
+}
+
+static int s_recv(WOLFSSL *ssl, char *b, int sz, void *ctx)
+{
+    (void)ssl;
+    return memio_io(0, 1, b, sz, ctx);
+}
+
+static int s_send(WOLFSSL *ssl, char *b, int sz, void *ctx)
+{
+    (void)ssl;
+    return memio_io(1, 0, b, sz, ctx);
+}
+
+/*
+ * Completes one handshake between a throw-away client and the listener's
+ * context. Catches what loading cannot: Debian's wolfSSL accepts a private
+ * key that does not belong to the certificate in wolfSSL_CTX_check_private_key
+ * (every real handshake then fails), and a chain the key cannot sign for.
+ */
+static int self_test(WOLFSSL_CTX *sctx, char *err, size_t errlen)
+{
+    WOLFSSL_CTX *cctx = wolfSSL_CTX_new(wolfSSLv23_client_method());
+    WOLFSSL *c = NULL, *sv = NULL;
+    struct memio *m = calloc(1, sizeof(*m));
+    int rc = -1, cdone = 0, sdone = 0;
+
+    if (cctx == NULL || m == NULL)
+        goto out;
+    wolfSSL_CTX_set_verify(cctx, WOLFSSL_VERIFY_NONE, NULL);
+    c = wolfSSL_new(cctx);
+    sv = wolfSSL_new(sctx);
+    if (c == NULL || sv == NULL)
+        goto out;
+    wolfSSL_SSLSetIORecv(c, c_recv);
+    wolfSSL_SSLSetIOSend(c, c_send);
+    wolfSSL_SSLSetIORecv(sv, s_recv);
+    wolfSSL_SSLSetIOSend(sv, s_send);
+    wolfSSL_SetIOReadCtx(c, m);
+    wolfSSL_SetIOWriteCtx(c, m);
+    wolfSSL_SetIOReadCtx(sv, m);
+    wolfSSL_SetIOWriteCtx(sv, m);
+    for (int i = 0; i < 20 && !(cdone && sdone); i++) {
+        if (!cdone) {
+            int r = wolfSSL_connect(c);
+            if (r == WOLFSSL_SUCCESS)
+                cdone = 1;
+            else if (wolfSSL_get_error(c, r) != WOLFSSL_ERROR_WANT_READ) {
+                char e[120];
+                err_string(wolfSSL_get_error(c, r), e, sizeof(e));
+                snprintf(err, errlen, "test handshake failed on the client side: %s", e);
+                goto out;
+            }
+        }
+        if (!sdone) {
+            int r = wolfSSL_accept(sv);
+            if (r == WOLFSSL_SUCCESS)
+                sdone = 1;
+            else if (wolfSSL_get_error(sv, r) != WOLFSSL_ERROR_WANT_READ) {
+                char e[120];
+                err_string(wolfSSL_get_error(sv, r), e, sizeof(e));
+                snprintf(err, errlen, "test handshake failed on the server side: %s", e);
+                goto out;
+            }
+        }
+    }
+    if (cdone && sdone)
+        rc = 0;
+    else
+        snprintf(err, errlen, "test handshake did not complete");
+out:
+    if (rc == -1 && err[0] == '\0')
+        snprintf(err, errlen, "cannot run a test handshake (out of memory)");
+    wolfSSL_free(c);
+    wolfSSL_free(sv);
+    if (cctx)
+        wolfSSL_CTX_free(cctx);
+    free(m);
+    return rc;
+}
+
 WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, char *err, size_t errlen)
 {
     WOLFSSL_CTX *ctx = wolfSSL_CTX_new(wolfSSLv23_server_method());
-    char e[160];
+    char e[256];
     int rc;
 
     if (ctx == NULL) {
@@ -171,6 +291,14 @@ WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, char *err, size_t err
     if (wolfSSL_CTX_check_private_key(ctx) != WOLFSSL_SUCCESS) {
         snprintf(err, errlen, "key 'key': '%s' does not match the certificate in '%s'", li->key,
                  li->cert);
+        goto fail;
+    }
+    err[0] = '\0';
+    if (self_test(ctx, e, sizeof(e)) == -1) {
+        snprintf(err, errlen,
+                 "keys 'cert'/'key': '%s' and '%s' cannot complete a TLS handshake (does the "
+                 "key belong to the certificate?): %s",
+                 li->cert, li->key, e);
         goto fail;
     }
     return ctx;

@@ -170,8 +170,8 @@ static int err_has(int line, const char *needle)
     char prefix[64];
     const char *l = g_err;
 
-    /* Problems without a line (validation of [global], missing sections)
-     * are reported as "test.conf: ...". */
+    /* Problems without a line (missing sections, [global] checks on keys
+     * that were not set) are reported as "test.conf: ...". */
     if (line > 0)
         snprintf(prefix, sizeof(prefix), "test.conf:%d: ", line);
     else
@@ -378,7 +378,7 @@ static void test_defaults(void)
                   "key = @K@\n[upstream]\naddress = h:25\nca_file = @C@\n[global]\nsyslog = no\n"));
 
     CHECK(rejects(2, "hostname", GLOBAL, "hostname ="));
-    CHECK(rejects(0, "hostname", GLOBAL, "hostname = a b"));
+    CHECK(rejects(2, "hostname", GLOBAL, "hostname = a b"));
     CHECK(rejects(2, "user", GLOBAL, "user ="));
 
     config_free(NULL); /* no-op */
@@ -539,12 +539,12 @@ static void test_sizes_and_numbers(void)
         CHECK(cfg != NULL && cfg->buffer_size == good[i].want);
         config_free(cfg);
     }
-    /* Out of range: reported by validation, without a line (0). */
-    CHECK(rejects(0, "buffer_size", GLOBAL, "buffer_size = 4095"));
-    CHECK(rejects(0, "buffer_size", GLOBAL, "buffer_size = 0"));
-    CHECK(rejects(0, "buffer_size", GLOBAL, "buffer_size = 2m"));
-    CHECK(rejects(0, "buffer_size", GLOBAL, "buffer_size = 1025k"));
-    CHECK(rejects(0, "buffer_size", GLOBAL, "buffer_size = 1099511627776"));
+    /* Out of range: reported by validation, at the key's line. */
+    CHECK(rejects(2, "buffer_size", GLOBAL, "buffer_size = 4095"));
+    CHECK(rejects(2, "buffer_size", GLOBAL, "buffer_size = 0"));
+    CHECK(rejects(2, "buffer_size", GLOBAL, "buffer_size = 2m"));
+    CHECK(rejects(2, "buffer_size", GLOBAL, "buffer_size = 1025k"));
+    CHECK(rejects(2, "buffer_size", GLOBAL, "buffer_size = 1099511627776"));
     /* Bad syntax: reported at the line. */
     CHECK(rejects(2, "buffer_size", GLOBAL, "buffer_size = 16kb"));
     CHECK(rejects(2, "buffer_size", GLOBAL, "buffer_size = 16 k"));
@@ -575,7 +575,7 @@ static void test_sizes_and_numbers(void)
     CHECK(rejects(2, "max_sessions", GLOBAL, "max_sessions = 99999999999999999999999"));
     CHECK(rejects(2, "max_sessions_per_ip", GLOBAL, "max_sessions_per_ip = x"));
     CHECK(rejects(2, "max_errors", GLOBAL, "max_errors = 1001"));
-    CHECK(rejects(0, "[global] key 'max_errors': must be at least 1", GLOBAL, "max_errors = 0"));
+    CHECK(rejects(2, "[global] key 'max_errors': must be at least 1", GLOBAL, "max_errors = 0"));
     CHECK(rejects(2, "whole number", GLOBAL, "max_errors ="));
 }
 
@@ -642,8 +642,8 @@ static void test_enums(void)
     cfg = parse(UPSTREAM, "min_tls = 1.2");
     CHECK(cfg && cfg->upstreams[0].min_tls == TLS_V12);
     config_free(cfg);
-    CHECK(rejects(1, "min_tls", UPSTREAM, "min_tls = 1.1"));
-    CHECK(rejects(1, "min_tls", UPSTREAM, "min_tls = 1.0"));
+    CHECK(rejects(4, "min_tls", UPSTREAM, "min_tls = 1.1"));
+    CHECK(rejects(4, "min_tls", UPSTREAM, "min_tls = 1.0"));
     CHECK(rejects(4, "min_tls", UPSTREAM, "min_tls = 1.4"));
     CHECK(rejects(4, "min_tls", UPSTREAM, "min_tls = 12"));
     CHECK(rejects(4, "min_tls", UPSTREAM, "min_tls = tls1.2"));
@@ -766,16 +766,16 @@ static void test_structure(void)
     CHECK(err_has(0, "no [listener NAME] section"));
 
     /* unreadable files: the errno text is shown */
-    CHECK(rejects(4, "key 'cert': cannot read '",
+    CHECK(rejects(7, "key 'cert': cannot read '",
                   "[upstream]\naddress = h:25\nca_file = @C@\n[listener a]\n"
                   "listen = 127.0.0.1:25\nmode = implicit\ncert = @D@/missing.pem\nkey = @K@\n"));
-    CHECK(err_has(4, "missing.pem': No such file or directory"));
-    CHECK(rejects(4, "key 'key': cannot read",
+    CHECK(err_has(7, "missing.pem': No such file or directory"));
+    CHECK(rejects(8, "key 'key': cannot read",
                   "[upstream]\naddress = h:25\nca_file = @C@\n"
                   "[listener a]\nlisten = 127.0.0.1:25\n"
                   "mode = implicit\ncert = @C@\n"
                   "key = @D@/missing.pem\n"));
-    CHECK(rejects(1, "No such file or directory",
+    CHECK(rejects(3, "No such file or directory",
                   "[upstream]\naddress = h:25\nca_file = @D@/nope\n[listener a]\n"
                   "listen = 127.0.0.1:25\nmode = implicit\ncert = @C@\nkey = @K@\n"));
     /* verify = no: the CA file is not needed */
@@ -788,7 +788,7 @@ static void test_structure(void)
     config_free(cfg);
     CHECK(rejects(1, "'cert' and 'key' must be set together", UPSTREAM, "cert = @C@"));
     CHECK(rejects(1, "'cert' and 'key' must be set together", UPSTREAM, "key = @K@"));
-    CHECK(rejects(1, "key 'cert': cannot read",
+    CHECK(rejects(4, "key 'cert': cannot read",
                   "[upstream]\naddress = h:25\nca_file = @C@\ncert = @D@/x\nkey = @K@\n"
                   "[listener a]\nlisten = 127.0.0.1:25\nmode = implicit\ncert = @C@\nkey = @K@\n"));
 
@@ -802,7 +802,7 @@ static void test_upstreams(void)
     struct config *cfg;
 
     /* listener -> missing named upstream */
-    CHECK(rejects(4, "key 'upstream': no section [upstream other]", BASE "upstream = other\n"));
+    CHECK(rejects(9, "key 'upstream': no section [upstream other]", BASE "upstream = other\n"));
     CHECK(rejects(9, "key 'upstream'", BASE "upstream =\n"));
 
     /* [upstream NAME] + upstream = NAME, with no unnamed upstream */
@@ -842,11 +842,11 @@ static void test_upstreams(void)
     CHECK(rejects(3, "section defined twice (first at line 1)",
                   "[upstream]\naddress = h:25\n[upstream ]\n" BASE));
 
-    /* bad upstream addresses (reported at the header) */
+    /* bad upstream addresses (reported at the 'address' line) */
     static const char *const bad[] = {"nocolon", ":25",   "h:0",    "h:70000", "::1:25", "[::1]25",
                                       "h:",      "h:25x", "[::1]:", "[]:25",   "h:-1"};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
-        CHECK(rejects(1, "key 'address'",
+        CHECK(rejects(2, "key 'address'",
                       "[upstream]\naddress = %s\nca_file = @C@\n[listener a]\n"
                       "listen = 127.0.0.1:25\nmode = implicit\ncert = @C@\nkey = @K@\n",
                       bad[i]));
@@ -896,14 +896,14 @@ static void test_listen_and_cidr_keys(void)
     CHECK(n_err_lines() == 2);
 
     /* same address in two listeners */
-    CHECK(rejects(9, "127.0.0.1:2525 is also used by [listener a]",
+    CHECK(rejects(10, "127.0.0.1:2525 is also used by [listener a]",
                   BASE "[listener b]\nlisten = 127.0.0.1:2525\nmode = implicit\ncert = @C@\n"
                        "key = @K@\n"));
 
     /* allow_plaintext_from */
-    CHECK(rejects(4, "key 'allow_plaintext_from': only meaningful on a starttls listener",
+    CHECK(rejects(7, "key 'allow_plaintext_from': only meaningful on a starttls listener",
                   LISTENER_MODE, "mode = implicit\nallow_plaintext_from = 10.0.0.0/8"));
-    CHECK(rejects(4, "allow_plaintext_from",
+    CHECK(rejects(9, "allow_plaintext_from",
                   "[upstream]\naddress = h:25\nca_file = @C@\n[listener a]\n"
                   "listen = 127.0.0.1:25\nmode = implicit\ncert = @C@\nkey = @K@\n"
                   "allow_plaintext_from = 10.0.0.0/8\n"));
@@ -949,9 +949,9 @@ static void test_listen_and_cidr_keys(void)
     cfg = parse(BASE "require_auth = yes\n");
     CHECK(cfg != NULL && cfg->listeners[0].require_auth == 1);
     config_free(cfg);
-    CHECK(rejects(4, "key 'require_auth': 'no' needs 'allow_from'", BASE "require_auth = no\n"));
+    CHECK(rejects(9, "key 'require_auth': 'no' needs 'allow_from'", BASE "require_auth = no\n"));
     CHECK(
-        rejects(4, "require_auth", BASE "require_auth = off\nallow_plaintext_from = 10.0.0.0/8\n"));
+        rejects(9, "require_auth", BASE "require_auth = off\nallow_plaintext_from = 10.0.0.0/8\n"));
     CHECK(rejects(9, "key 'require_auth': bad value", BASE "require_auth = maybe\n"));
     CHECK(rejects(10, "key 'require_auth': set twice",
                   BASE "require_auth = yes\nrequire_auth = no\n"));
@@ -1019,7 +1019,7 @@ static void test_lines_and_errors(void)
                   "[upstream]\nmin_tls = 1.1\nca_file = @C@\n[listener a]\n"
                   "[listener b]\nlisten = 127.0.0.1:25\nmode = implicit\n"
                   "cert = @C@\nkey = @K@\nmin_tls = 1.0\n"));
-    CHECK(err_has(1, "min_tls"));
+    CHECK(err_has(2, "min_tls"));
     CHECK(err_has(4, "'listen'"));
     CHECK(err_has(4, "'mode'"));
     CHECK(err_has(4, "'cert'"));
