@@ -81,6 +81,7 @@ run:
 	@scripts/run-demo.sh
 
 install: all
+	id smtpbridge >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin smtpbridge
 	install -d $(DESTDIR)$(PREFIX)/sbin $(DESTDIR)/etc/smtpbridge $(DESTDIR)$(PREFIX)/share/doc/smtpbridge
 	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/sbin/smtpbridge
 	[ -e $(DESTDIR)/etc/smtpbridge/smtpbridge.conf ] || \
@@ -110,6 +111,7 @@ test-integration: all
 test-asan:
 	@$(MAKE) --no-print-directory SANITIZER=address all
 	SMTPBRIDGE_BIN=$(CURDIR)/build/asan$(SUFFIX)/smtpbridge ASAN_OPTIONS=detect_leaks=1 \
+	  SMTPBRIDGE_TIME_FACTOR=2 SMTPBRIDGE_MAX_RSS_MB=0 \
 	  UBSAN_OPTIONS=print_stacktrace=1 $(PYTHON) -m pytest -q tests/integration
 
 FUZZ_SECONDS ?= 20
@@ -137,3 +139,6 @@ test:
 
 clean:
 	rm -rf build build-system
+
+bench: all
+	@tests/bench/run.sh

@@ -442,6 +442,7 @@ static const struct keydef global_keys[] = {
     {"hostname", K_STR, G(hostname), 0, NULL},
     {"user", K_STR, G(user), 0, NULL},
     {"group", K_STR, G(group), 0, NULL},
+    {"run_as_root", K_BOOL, G(run_as_root), 0, NULL},
     {"log_level", K_LEVEL, G(log_level), 0, NULL},
     {"syslog", K_BOOL, G(syslog), 0, NULL},
     {"max_sessions", K_UINT, G(max_sessions), 1000000, NULL},
@@ -949,6 +950,8 @@ void config_dump(const struct config *cfg, FILE *out)
         fprintf(out, "user = %s\n", cfg->user);
     if (cfg->group)
         fprintf(out, "group = %s\n", cfg->group);
+    if (cfg->run_as_root)
+        fprintf(out, "run_as_root = yes\n");
     fprintf(out,
             "log_level = %s\nsyslog = %s\nmax_sessions = %u\nmax_sessions_per_ip = %u\n"
             "buffer_size = %zu\nhandshake_timeout = %gs\ncommand_timeout = %gs\n"

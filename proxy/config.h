@@ -71,6 +71,7 @@ struct config {
     char *path;
     char *hostname;
     char *user, *group;
+    int run_as_root;
     enum log_level log_level;
     int syslog;
     unsigned max_sessions, max_sessions_per_ip;

@@ -84,9 +84,15 @@ static int drop_privileges(const struct config *cfg)
     gid_t gid;
 
     if (cfg->user == NULL) {
-        if (geteuid() == 0)
-            log_msg(LOG_LVL_WARNING, 0,
-                    "event=config_warning msg=\"running as root: set 'user' in [global]\"");
+        if (geteuid() != 0)
+            return 0;
+        if (!cfg->run_as_root) {
+            fprintf(stderr, "smtpbridge: refusing to run as root: set 'user' in [global] to drop "
+                            "privileges after binding (or 'run_as_root = yes' to insist)\n");
+            return -1;
+        }
+        log_msg(LOG_LVL_WARNING, 0,
+                "event=config_warning msg=\"run_as_root = yes: serving as root\"");
         return 0;
     }
     if (geteuid() != 0) {
@@ -207,6 +213,12 @@ int main(int argc, char **argv)
         return 1;
     }
     if (test) {
+        if (rt->cfg->user != NULL && getpwnam(rt->cfg->user) == NULL) {
+            fprintf(stderr, "%s: [global] key 'user': no such user '%s'\n", path, rt->cfg->user);
+            runtime_unref(rt);
+            tls_cleanup();
+            return 1;
+        }
         config_dump(rt->cfg, stdout);
         fprintf(stderr, "smtpbridge: %s: configuration OK\n", path);
         runtime_unref(rt);

@@ -37,6 +37,7 @@ fi
 
 # The example configuration, with this machine's paths and ports.
 sed -e "s|^address = .*|address = $address|" \
+    -e "s|^user = smtpbridge|user = nobody|" \
     -e "s|^ca_file = .*|ca_file = $ca_file|" \
     -e "s|/etc/smtpbridge/fullchain.pem|$run/certs/proxy.pem|" \
     -e "s|/etc/smtpbridge/privkey.pem|$run/certs/proxy.key|" \

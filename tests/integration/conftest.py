@@ -183,6 +183,8 @@ def make_bridge(certs, tmp_path, upstream):
              "log_level": os.environ.get("SMTPBRIDGE_LOG_LEVEL", "info"),
              "handshake_timeout": "5s", "command_timeout": "10s",
              "idle_timeout": "30s"}
+        if os.geteuid() == 0:
+            g["user"] = "nobody"   # the daemon refuses to serve as root
         g.update(global_opts or {})
         u = {"address": upstream_addr, "tls": "starttls",
              "ca_file": os.path.join(certs, "ca.pem"), "server_name": "localhost",

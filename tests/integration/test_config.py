@@ -22,7 +22,7 @@ def good_lines(certs, port1=None, port2=None):
     return [
         "[global]",                                             # 1
         "hostname = proxy.test",                                # 2
-        "log_level = info",                                     # 3
+        "user = nobody",                                        # 3
         "",                                                     # 4
         "[upstream]",                                           # 5
         "address = 127.0.0.1:%d" % free_port(),                 # 6
@@ -68,6 +68,7 @@ def test_shipped_example_config_parses(binary, certs, tmp_path):
     src = open(os.path.join(bl.REPO, "config", "smtpbridge.conf")).read()
     src = src.replace("/etc/smtpbridge/fullchain.pem", certs + "/proxy.pem")
     src = src.replace("/etc/smtpbridge/privkey.pem", certs + "/proxy.key")
+    src = src.replace("user = smtpbridge", "user = nobody")
     if not os.path.exists("/etc/ssl/certs/ca-certificates.crt"):
         src = src.replace("/etc/ssl/certs/ca-certificates.crt", certs + "/ca.pem")
     conf = tmp_path / "example.conf"
