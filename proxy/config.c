@@ -451,6 +451,7 @@ static const struct keydef global_keys[] = {
     {"handshake_timeout", K_DURATION, G(handshake_timeout), 0, NULL},
     {"command_timeout", K_DURATION, G(command_timeout), 0, NULL},
     {"idle_timeout", K_DURATION, G(idle_timeout), 0, NULL},
+    {"drain_timeout", K_DURATION, G(drain_timeout), 0, NULL},
     {"max_errors", K_UINT, G(max_errors), 1000, NULL},
     {NULL, 0, 0, 0, NULL},
 };
@@ -818,6 +819,7 @@ static struct config *parse_text(const char *text, const char *name)
     cfg->handshake_timeout = 10;
     cfg->command_timeout = 60;
     cfg->idle_timeout = 300;
+    cfg->drain_timeout = 30;
     cfg->max_errors = 10;
 
     memset(&p, 0, sizeof(p));
@@ -955,10 +957,10 @@ void config_dump(const struct config *cfg, FILE *out)
     fprintf(out,
             "log_level = %s\nsyslog = %s\nmax_sessions = %u\nmax_sessions_per_ip = %u\n"
             "buffer_size = %zu\nhandshake_timeout = %gs\ncommand_timeout = %gs\n"
-            "idle_timeout = %gs\nmax_errors = %u\n",
+            "idle_timeout = %gs\ndrain_timeout = %gs\nmax_errors = %u\n",
             lvl[cfg->log_level], cfg->syslog ? "yes" : "no", cfg->max_sessions,
             cfg->max_sessions_per_ip, cfg->buffer_size, cfg->handshake_timeout,
-            cfg->command_timeout, cfg->idle_timeout, cfg->max_errors);
+            cfg->command_timeout, cfg->idle_timeout, cfg->drain_timeout, cfg->max_errors);
     for (size_t i = 0; i < cfg->nupstreams; i++) {
         const struct upstream_cfg *u = &cfg->upstreams[i];
         fprintf(out, "\n[upstream%s%s]\naddress = %s\ntls = %s\nserver_name = %s\n",

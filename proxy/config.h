@@ -76,7 +76,7 @@ struct config {
     int syslog;
     unsigned max_sessions, max_sessions_per_ip;
     size_t buffer_size;
-    double handshake_timeout, command_timeout, idle_timeout;
+    double handshake_timeout, command_timeout, idle_timeout, drain_timeout;
     unsigned max_errors;
     struct upstream_cfg *upstreams;
     size_t nupstreams;

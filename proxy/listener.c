@@ -45,6 +45,8 @@ static int resolve(struct upstream_rt *up)
     return 0;
 }
 
+static void free_ai(struct upstream_rt *up);
+
 static void resolved_thread(union sigval sv)
 {
     struct upstream_rt *up = sv.sival_ptr;
@@ -65,8 +67,7 @@ static void resolved_cb(struct ev_loop *loop, ev_async *w, int revents)
     if (rc == 0 && up->gai.ar_result != NULL) {
         if (up->ai == NULL)
             log_msg(LOG_LVL_INFO, 0, "event=resolved upstream=%s", up->cfg->address);
-        else
-            freeaddrinfo(up->ai);
+        free_ai(up);
         up->ai = up->gai.ar_result;
         up->gai.ar_result = NULL;
         up->resolve_err[0] = '\0';
@@ -171,7 +172,56 @@ fail:
 
 static void accept_cb(struct ev_loop *loop, ev_io *w, int revents);
 
-struct runtime *runtime_build(struct config *cfg, int bind_sockets)
+/* The listening socket the old runtime has for exactly this address. */
+static int *old_fd(struct runtime *old, const char *spec)
+{
+    for (size_t i = 0; old && i < old->nlis; i++)
+        for (size_t j = 0; j < old->lis[i].nfds; j++)
+            if (old->lis[i].fds[j] != -1 && strcmp(old->lis[i].specs[j], spec) == 0)
+                return &old->lis[i].fds[j];
+    return NULL;
+}
+
+/* A copy of the old runtime's addresses for the same host and port, so a
+ * reload does not block the loop on DNS for an unchanged upstream. */
+static struct addrinfo *copy_ai(const struct addrinfo *ai)
+{
+    struct addrinfo *head = NULL, **tail = &head;
+
+    for (; ai; ai = ai->ai_next) {
+        struct addrinfo *n = calloc(1, sizeof(*n) + ai->ai_addrlen);
+        if (n == NULL)
+            break;
+        *n = *ai;
+        n->ai_addr = (struct sockaddr *)(n + 1);
+        memcpy(n->ai_addr, ai->ai_addr, ai->ai_addrlen);
+        n->ai_canonname = NULL;
+        n->ai_next = NULL;
+        *tail = n;
+        tail = &n->ai_next;
+    }
+    return head;
+}
+
+static void free_ai(struct upstream_rt *up)
+{
+    struct addrinfo *n;
+
+    if (!up->ai_copied) {
+        if (up->ai)
+            freeaddrinfo(up->ai);
+    } else {
+        while (up->ai) {
+            n = up->ai->ai_next;
+            free(up->ai);
+            up->ai = n;
+        }
+    }
+    up->ai = NULL;
+    up->ai_copied = 0;
+}
+
+struct runtime *runtime_build(struct config *cfg, int bind_sockets, struct runtime *old)
 {
     struct runtime *rt = calloc(1, sizeof(*rt));
     char err[512];
@@ -202,7 +252,16 @@ struct runtime *runtime_build(struct config *cfg, int bind_sockets)
                 failed = 1;
             }
         }
-        if (resolve(up) == -1)
+        for (size_t j = 0; old && j < old->nups; j++) {
+            const struct upstream_cfg *o = old->ups[j].cfg;
+            if (old->ups[j].ai && strcmp(o->host, up->cfg->host) == 0 &&
+                strcmp(o->port, up->cfg->port) == 0) {
+                up->ai = copy_ai(old->ups[j].ai);
+                up->ai_copied = up->ai != NULL;
+                break;
+            }
+        }
+        if (up->ai == NULL && resolve(up) == -1)
             log_msg(LOG_LVL_WARNING, 0,
                     "event=resolve_failed upstream=%s error=\"%s\" (sessions will get 421)",
                     up->cfg->address, up->resolve_err);
@@ -221,18 +280,29 @@ struct runtime *runtime_build(struct config *cfg, int bind_sockets)
             failed = 1;
         }
         li->fds = calloc(li->cfg->nlisten, sizeof(int));
+        li->specs = calloc(li->cfg->nlisten, sizeof(char *));
+        li->steal = calloc(li->cfg->nlisten, sizeof(int *));
         li->watchers = calloc(li->cfg->nlisten, sizeof(ev_io));
-        if (li->fds == NULL || li->watchers == NULL) {
+        if (li->fds == NULL || li->specs == NULL || li->steal == NULL || li->watchers == NULL) {
             failed = 1;
             continue;
         }
         if (!bind_sockets)
             continue;
         for (size_t j = 0; j < li->cfg->nlisten; j++) {
-            if (bind_one(li, li->cfg->listen[j]) == -1) {
+            const char *spec = li->cfg->listen[j];
+            int *from = old_fd(old, spec);
+            /* On reload an address already bound keeps its socket: no
+             * window where connections are refused, no re-bind of a
+             * privileged port after privileges were dropped. */
+            if (from != NULL) {
+                li->steal[li->nfds] = from;
+                li->fds[li->nfds++] = *from;
+            } else if (bind_one(li, spec) == -1) {
                 failed = 1;
                 continue;
             }
+            li->specs[li->nfds - 1] = spec;
             ev_io_init(&li->watchers[li->nfds - 1], accept_cb, li->fds[li->nfds - 1], EV_READ);
             li->watchers[li->nfds - 1].data = li;
         }
@@ -241,6 +311,13 @@ struct runtime *runtime_build(struct config *cfg, int bind_sockets)
         runtime_unref(rt);
         return NULL;
     }
+    /* Only now that nothing can fail does the old runtime give them up. */
+    for (size_t i = 0; i < rt->nlis; i++)
+        for (size_t j = 0; j < rt->lis[i].nfds; j++)
+            if (rt->lis[i].steal[j] != NULL) {
+                *rt->lis[i].steal[j] = -1;
+                rt->lis[i].steal[j] = NULL;
+            }
     return rt;
 }
 
@@ -252,9 +329,13 @@ void runtime_unref(struct runtime *rt)
         struct listener *li = &rt->lis[i];
         for (size_t j = 0; j < li->nfds; j++) {
             ev_io_stop(EV_DEFAULT, &li->watchers[j]);
-            close(li->fds[j]);
+            /* Sockets taken over from another runtime are not ours. */
+            if (li->fds[j] != -1 && li->steal[j] == NULL)
+                close(li->fds[j]);
         }
         free(li->fds);
+        free(li->specs);
+        free(li->steal);
         free(li->watchers);
         if (li->ctx)
             wolfSSL_CTX_free(li->ctx);
@@ -263,8 +344,7 @@ void runtime_unref(struct runtime *rt)
         resolver_stop(&rt->ups[i]);
         if (rt->ups[i].ctx)
             wolfSSL_CTX_free(rt->ups[i].ctx);
-        if (rt->ups[i].ai)
-            freeaddrinfo(rt->ups[i].ai);
+        free_ai(&rt->ups[i]);
     }
     free(rt->lis);
     free(rt->ups);
@@ -308,6 +388,17 @@ void listener_start(struct runtime *rt)
     active = rt;
     ev_init(&resume_timer, resume_cb);
     set_watchers(rt, 1);
+}
+
+void listener_close(struct runtime *rt)
+{
+    listener_stop(rt);
+    for (size_t i = 0; i < rt->nlis; i++)
+        for (size_t j = 0; j < rt->lis[i].nfds; j++)
+            if (rt->lis[i].fds[j] != -1 && rt->lis[i].steal[j] == NULL) {
+                close(rt->lis[i].fds[j]);
+                rt->lis[i].fds[j] = -1;
+            }
 }
 
 void listener_stop(struct runtime *rt)

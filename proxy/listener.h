@@ -12,4 +12,8 @@ void listener_start(struct runtime *rt);
 /* Stops accepting (sockets stay open until the runtime is freed). */
 void listener_stop(struct runtime *rt);
 
+/* Stops accepting and closes the listening sockets (drain: new connections
+ * are refused at once instead of waiting in the backlog). */
+void listener_close(struct runtime *rt);
+
 #endif

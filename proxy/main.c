@@ -24,6 +24,7 @@
 #define DEFAULT_CONFIG "/etc/smtpbridge/smtpbridge.conf"
 
 static struct runtime *rt;
+static int debug_logging;
 
 static void usage(FILE *out)
 {
@@ -37,7 +38,9 @@ static void usage(FILE *out)
             "  -d, --debug        log at debug level (overrides log_level)\n"
             "  -V, --version      print the version and exit\n"
             "  -h, --help         this text\n\n"
-            "Runs in the foreground and logs to stderr. Signals: TERM/INT stop.\n",
+            "Runs in the foreground and logs to stderr. Signals: HUP reloads the\n"
+            "configuration and certificates; TERM drains (stops accepting, lets\n"
+            "sessions finish for up to drain_timeout) and exits; INT exits at once.\n",
             DEFAULT_CONFIG);
 }
 
@@ -129,23 +132,112 @@ static int drop_privileges(const struct config *cfg)
     return 0;
 }
 
-static void stop_cb(struct ev_loop *loop, ev_signal *w, int revents)
+/* ---- drain (TERM/INT) ---- */
+
+#define R_SHUTDOWN "421 4.3.2 Service shutting down, closing connection\r\n"
+
+static int draining;
+static ev_timer drain_timer, drain_poll;
+
+static void drain_poll_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
+    (void)w;
     (void)revents;
-    log_msg(LOG_LVL_INFO, 0, "event=shutdown signal=%s sessions=%u",
-            w->signum == SIGINT ? "INT" : "TERM", session_count());
-    listener_stop(rt);
-    session_close_all("proxy shutting down");
-    ev_break(loop, EVBREAK_ALL);
+    if (session_count() == 0)
+        ev_break(loop, EVBREAK_ALL);
 }
 
-static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
+static void drain_expired_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     (void)loop;
     (void)w;
     (void)revents;
-    log_msg(LOG_LVL_WARNING, 0,
-            "event=reload msg=\"configuration reload is not supported yet; restart to apply\"");
+    log_msg(LOG_LVL_INFO, 0, "event=drain_expired sessions=%u", session_count());
+    /* Each gets a 421 and a few seconds to read it (session_finish). */
+    session_finish_all(R_SHUTDOWN, "proxy shutting down (drain_timeout reached)");
+}
+
+/*
+ * TERM: stop accepting (listening sockets closed, so a load balancer sees
+ * refusals at once), let sessions finish for up to drain_timeout, then tell
+ * the rest 421 4.3.2 and exit 0. INT: the same without the wait. A second
+ * signal during the drain closes everything at once.
+ */
+static void stop_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    double wait = w->signum == SIGINT ? 0 : rt->cfg->drain_timeout;
+
+    (void)revents;
+    if (draining) {
+        log_msg(LOG_LVL_INFO, 0, "event=shutdown_now sessions=%u", session_count());
+        session_close_all("proxy shutting down (second signal)");
+        ev_break(loop, EVBREAK_ALL);
+        return;
+    }
+    draining = 1;
+    log_msg(LOG_LVL_INFO, 0, "event=drain signal=%s sessions=%u timeout=%gs",
+            w->signum == SIGINT ? "INT" : "TERM", session_count(), wait);
+    listener_close(rt);
+    if (session_count() == 0) {
+        ev_break(loop, EVBREAK_ALL);
+        return;
+    }
+    ev_timer_init(&drain_poll, drain_poll_cb, 0.05, 0.05);
+    ev_timer_start(loop, &drain_poll);
+    if (wait <= 0) {
+        drain_expired_cb(loop, NULL, 0);
+    } else {
+        ev_timer_init(&drain_timer, drain_expired_cb, wait, 0.);
+        ev_timer_start(loop, &drain_timer);
+    }
+}
+
+/* ---- reload (HUP) ---- */
+
+static const char *config_path;
+
+/*
+ * Builds a complete new runtime from the file (certificates and keys
+ * re-read, contexts built and self-tested) before touching the running one;
+ * any error keeps the old configuration serving. New sessions use the new
+ * runtime; sessions in flight keep theirs (reference counted) until they end.
+ */
+static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    struct config *cfg;
+    struct runtime *next;
+
+    (void)loop;
+    (void)w;
+    (void)revents;
+    if (draining)
+        return;
+    log_msg(LOG_LVL_INFO, 0, "event=reload_start path=%s", config_path);
+    cfg = config_load(config_path);
+    if (cfg == NULL) {
+        log_msg(LOG_LVL_ERROR, 0,
+                "event=reload_failed msg=\"configuration has errors (see above); keeping the "
+                "running one\"");
+        return;
+    }
+    if ((cfg->user == NULL) != (rt->cfg->user == NULL) ||
+        (cfg->user && strcmp(cfg->user, rt->cfg->user) != 0))
+        log_msg(LOG_LVL_WARNING, 0,
+                "event=reload_warning msg=\"a change of 'user' needs a restart\"");
+    next = runtime_build(cfg, 1, rt);
+    if (next == NULL) {
+        log_msg(LOG_LVL_ERROR, 0,
+                "event=reload_failed msg=\"cannot apply the new configuration (see above); "
+                "keeping the running one\"");
+        return;
+    }
+    log_init(debug_logging ? LOG_LVL_DEBUG : next->cfg->log_level, next->cfg->syslog);
+    listener_stop(rt);
+    runtime_unref(rt); /* freed once its last session ends */
+    rt = next;
+    listener_start(rt);
+    startup_warnings(rt->cfg);
+    log_msg(LOG_LVL_INFO, 0, "event=reload_done sessions=%u", session_count());
 }
 
 int main(int argc, char **argv)
@@ -171,6 +263,7 @@ int main(int argc, char **argv)
             break;
         case 'd':
             debug = 1;
+            debug_logging = 1;
             break;
         case 'V':
             printf("smtpbridge %s (wolfSSL %s)\n", SMTPBRIDGE_VERSION, wolfSSL_lib_version());
@@ -206,7 +299,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "smtpbridge: cannot initialise libev\n");
         return 1;
     }
-    rt = runtime_build(cfg, !test);
+    config_path = path;
+    rt = runtime_build(cfg, !test, NULL);
     if (rt == NULL) {
         fprintf(stderr, "smtpbridge: %s: configuration has errors\n", path);
         tls_cleanup();
@@ -247,6 +341,7 @@ int main(int argc, char **argv)
 
     ev_run(loop, 0);
 
+    session_close_all("proxy shutting down");
     runtime_unref(rt);
     conn_pool_trim();
     tls_cleanup();

@@ -17,6 +17,7 @@ struct upstream_rt {
     const struct upstream_cfg *cfg;
     WOLFSSL_CTX *ctx;    /* NULL when tls = none */
     struct addrinfo *ai; /* current addresses; NULL while none are known */
+    int ai_copied;       /* ai was copied from an older runtime (not getaddrinfo's) */
     char resolve_err[128];
     /* Re-resolution runs in glibc's resolver thread (getaddrinfo_a), never
      * in the event loop; the result comes back through an ev_async. */
@@ -36,7 +37,9 @@ struct listener {
     WOLFSSL_CTX *ctx;
     struct upstream_rt *up;
     size_t nfds;
-    int *fds;
+    int *fds;           /* -1 once handed over to a newer runtime */
+    const char **specs; /* the listen address each fd was bound for */
+    int **steal;        /* during build: the older runtime's slot of a reused fd */
     ev_io *watchers;
 };
 
@@ -50,13 +53,15 @@ struct runtime {
 };
 
 /*
- * runtime_build(cfg, bind_sockets): TLS contexts for every listener and
+ * runtime_build(cfg, bind_sockets, old): TLS contexts for every listener and
  * upstream, upstream addresses resolved (a failure there is a warning, not an
  * error: the upstream may come up later), and, if bind_sockets, every listen
- * address bound. Takes ownership of cfg. Returns NULL after logging the
- * problems (cfg freed).
+ * address bound. With old (a reload), sockets for addresses old already has
+ * are taken over from it and resolved addresses of unchanged upstreams are
+ * copied; old is changed only if the build succeeds. Takes ownership of cfg.
+ * Returns NULL after reporting the problems (cfg freed, old untouched).
  */
-struct runtime *runtime_build(struct config *cfg, int bind_sockets);
+struct runtime *runtime_build(struct config *cfg, int bind_sockets, struct runtime *old);
 
 /* Drops a reference; frees everything when the last one goes. */
 void runtime_unref(struct runtime *rt);

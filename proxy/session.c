@@ -301,6 +301,19 @@ static void session_free(struct session *s)
     free(s);
 }
 
+void session_finish_all(const char *reply, const char *reason)
+{
+    struct session *s = all_sessions, *next;
+
+    for (; s != NULL; s = next) {
+        next = s->next;
+        if (s->closing == CLOSE_NO) {
+            session_finish(s, reply, "%s", reason);
+            session_run(s);
+        }
+    }
+}
+
 void session_close_all(const char *reason)
 {
     while (all_sessions) {

@@ -131,6 +131,9 @@ unsigned session_count_ip(const struct sockaddr_storage *peer);
 /* Closes every session at once (shutdown). */
 void session_close_all(const char *reason);
 
+/* Sends `reply` to every session's client and closes each once flushed. */
+void session_finish_all(const char *reply, const char *reason);
+
 /* Gives the session its upstream socket (watchers follow it). */
 void session_upstream_fd(struct session *s, int fd);
 
