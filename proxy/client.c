@@ -6,11 +6,14 @@
  */
 #include "session.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "log.h"
+#include "proxyproto.h"
 
 #define R_530        "530 5.7.0 Must issue a STARTTLS command first\r\n"
 #define R_503_TLS    "503 5.5.1 TLS already active\r\n"
@@ -66,7 +69,19 @@ static void start_handshake(struct session *s)
     conn_deadline(&s->c, s->cfg->handshake_timeout);
 }
 
-void client_start(struct session *s)
+static int allowed_from(const struct session *s)
+{
+    const struct listener_cfg *li = s->li->cfg;
+
+    if (li->nallow_from == 0)
+        return 1;
+    for (size_t i = 0; i < li->nallow_from; i++)
+        if (cidr_match(&li->allow_from[i], &s->peer))
+            return 1;
+    return 0;
+}
+
+static void client_begin(struct session *s)
 {
     if (s->li->cfg->mode == LISTENER_IMPLICIT) {
         start_handshake(s);
@@ -81,6 +96,94 @@ void client_start(struct session *s)
     } else {
         s->cphase = CP_PRETLS;
     }
+}
+
+void client_start(struct session *s)
+{
+    if (s->li->cfg->accept_proxy) {
+        /* The header comes before anything else, TLS included. */
+        s->cphase = CP_PROXY;
+        conn_deadline(&s->c, s->cfg->handshake_timeout);
+        return;
+    }
+    client_begin(s);
+}
+
+/*
+ * The PROXY header from a trusted load balancer (HAProxy proxy-protocol.txt).
+ * Read with MSG_PEEK first and consumed only up to its exact end, so the
+ * bytes after it -- a TLS ClientHello on an implicit listener, or the first
+ * command -- stay in the socket for whoever reads next. Bytes of a header
+ * that is still incomplete are all header bytes, so they are consumed as
+ * they come (otherwise a peeked, unconsumed prefix would keep the fd
+ * readable and spin the loop).
+ */
+static int proxy_header(struct session *s)
+{
+    struct conn *c = &s->c;
+    struct pp_result res;
+    const char *err;
+    ssize_t n;
+    int r;
+
+    if (!c->readable)
+        return 0;
+    if (s->pp == NULL && (s->pp = malloc(PP_MAX_HEADER)) == NULL) {
+        session_close(s, "out of memory reading the PROXY header");
+        return 0;
+    }
+    n = recv(c->fd, s->pp + s->pp_len, PP_MAX_HEADER - s->pp_len, MSG_PEEK);
+    if (n == 0) {
+        session_close(s, "connection closed before a complete PROXY header");
+        return 0;
+    }
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
+            c->readable = 0;
+            return 0;
+        }
+        session_close(s, "read failed before the PROXY header: %s", strerror(errno));
+        return 0;
+    }
+    r = pp_parse(s->pp, s->pp_len + (size_t)n, &res, &err);
+    if (r == 0) {
+        if (recv(c->fd, s->pp + s->pp_len, (size_t)n, 0) != n) {
+            session_close(s, "cannot consume the PROXY header");
+            return 0;
+        }
+        s->pp_len += (size_t)n;
+        if (s->pp_len >= PP_MAX_HEADER)
+            err = "PROXY header too long";
+        else
+            return 1;
+    }
+    if (r < 0 || err != NULL) {
+        slog(s, LOG_LVL_WARNING, "event=proxy_rejected via=%s reason=\"%s\"", s->peer_str, err);
+        session_close(s, "bad PROXY header: %s", err);
+        return 0;
+    }
+    size_t rest = (size_t)r - s->pp_len;
+    if (rest > 0 && recv(c->fd, s->pp + s->pp_len, rest, 0) != (ssize_t)rest) {
+        session_close(s, "cannot consume the PROXY header");
+        return 0;
+    }
+    free(s->pp);
+    s->pp = NULL;
+    snprintf(s->via, sizeof(s->via), "%s", s->peer_str);
+    if (!res.local) {
+        session_set_peer(s, &res.src);
+        s->local = res.dst;
+    }
+    slog(s, LOG_LVL_DEBUG, "event=proxy_header version=%d client=%s via=%s", res.version,
+         s->peer_str, s->via);
+    if (!allowed_from(s)) {
+        slog(s, LOG_LVL_INFO, "event=reject listener=%s cap=allow_from client=%s via=%s",
+             s->li->cfg->name, s->peer_str, s->via);
+        session_close(s, "client not in allow_from");
+        return 0;
+    }
+    client_begin(s);
+    return 1;
 }
 
 int client_wants_read(const struct session *s)
@@ -511,6 +614,8 @@ int client_step(struct session *s)
     int progress = 0, r;
 
     switch (s->cphase) {
+    case CP_PROXY:
+        return proxy_header(s);
     case CP_HANDSHAKE:
         r = conn_handshake(c, 1);
         if (r < 0) {
@@ -566,6 +671,9 @@ void client_timeout(struct session *s)
         return;
     }
     switch (s->cphase) {
+    case CP_PROXY:
+        session_close(s, "no complete PROXY header within %gs", s->cfg->handshake_timeout);
+        break;
     case CP_HANDSHAKE:
         session_close(s, "client TLS handshake timeout (%gs)", s->cfg->handshake_timeout);
         break;

@@ -396,6 +396,9 @@ static int add_cidr(struct parse *p, const char *key, const char *item)
     if (strcmp(key, "allow_from") == 0) {
         v = &li->allow_from;
         n = &li->nallow_from;
+    } else if (strcmp(key, "proxy_from") == 0) {
+        v = &li->proxy_from;
+        n = &li->nproxy_from;
     }
     *v = xrealloc(*v, *n + 1, sizeof(struct cidr));
     (*v)[(*n)++] = c;
@@ -433,6 +436,7 @@ struct keydef {
 
 static const char *const tls_words[] = {"starttls", "implicit", "none", NULL};
 static const char *const mode_words[] = {"implicit", "starttls", NULL};
+static const char *const pp_words[] = {"off", "v1", "v2", NULL};
 
 #define G(f) offsetof(struct config, f)
 #define U(f) offsetof(struct upstream_cfg, f)
@@ -467,6 +471,8 @@ static const struct keydef upstream_keys[] = {
     {"min_tls", K_TLSVER, U(min_tls), 0, NULL},
     {"connect_timeout", K_DURATION, U(connect_timeout), 0, NULL},
     {"reply_timeout", K_DURATION, U(reply_timeout), 0, NULL},
+    {"proxy_protocol", K_ENUM, U(proxy_protocol), 0, pp_words},
+    {"xclient", K_BOOL, U(xclient), 0, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -479,6 +485,8 @@ static const struct keydef listener_keys[] = {
     {"allow_plaintext_from", K_LIST, 0, 0, NULL},
     {"allow_from", K_LIST, 0, 0, NULL},
     {"require_auth", K_BOOL, L(require_auth), 0, NULL},
+    {"accept_proxy", K_BOOL, L(accept_proxy), 0, NULL},
+    {"proxy_from", K_LIST, 0, 0, NULL},
     {"upstream", K_STR, L(upstream_name), 0, NULL},
     {NULL, 0, 0, 0, NULL},
 };
@@ -759,6 +767,13 @@ static void validate(struct parse *p)
                  "[%s] key 'require_auth': 'no' needs 'allow_from' networks (the listener "
                  "would otherwise let anyone send mail as the proxy)",
                  sec);
+        if (li->accept_proxy && li->nproxy_from == 0)
+            perr(p, L_AT("accept_proxy"),
+                 "[%s] key 'accept_proxy': needs 'proxy_from' (the load balancers allowed to "
+                 "say who the client is)",
+                 sec);
+        if (!li->accept_proxy && li->nproxy_from > 0)
+            perr(p, L_AT("proxy_from"), "[%s] key 'proxy_from': set 'accept_proxy = yes' too", sec);
         if (li->nallow > 0 && li->mode == LISTENER_IMPLICIT)
             perr(p, L_AT("allow_plaintext_from"),
                  "[%s] key 'allow_plaintext_from': only meaningful on a starttls listener", sec);
@@ -904,6 +919,7 @@ void config_free(struct config *cfg)
         free(li->key);
         free(li->allow);
         free(li->allow_from);
+        free(li->proxy_from);
         free(li->upstream_name);
     }
     free(cfg->upstreams);
@@ -970,6 +986,8 @@ void config_dump(const struct config *cfg, FILE *out)
             fprintf(out, "cert = %s\nkey = %s\n", u->cert, u->key);
         fprintf(out, "min_tls = %s\nconnect_timeout = %gs\nreply_timeout = %gs\n",
                 tls_name(u->min_tls), u->connect_timeout, u->reply_timeout);
+        fprintf(out, "proxy_protocol = %s\nxclient = %s\n", pp_words[u->proxy_protocol],
+                u->xclient ? "yes" : "no");
     }
     for (size_t i = 0; i < cfg->nlisteners; i++) {
         const struct listener_cfg *li = &cfg->listeners[i];
@@ -980,6 +998,10 @@ void config_dump(const struct config *cfg, FILE *out)
                 li->cert, li->key, tls_name(li->min_tls));
         fprintf(out, "require_auth = %s\n", li->require_auth ? "yes" : "no");
         dump_cidrs("allow_from", li->allow_from, li->nallow_from, out);
+        if (li->accept_proxy) {
+            fprintf(out, "accept_proxy = yes\n");
+            dump_cidrs("proxy_from", li->proxy_from, li->nproxy_from, out);
+        }
         dump_cidrs("allow_plaintext_from", li->allow, li->nallow, out);
         if (li->upstream_name)
             fprintf(out, "upstream = %s\n", li->upstream_name);

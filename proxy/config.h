@@ -46,6 +46,8 @@ struct upstream_cfg {
     char *cert, *key;
     int min_tls;
     double connect_timeout, reply_timeout;
+    int proxy_protocol;            /* 0 off, 1 v1, 2 v2: header sent before the greeting */
+    int xclient;                   /* send XCLIENT ADDR/PORT after TLS if advertised */
     int key_line[CONFIG_MAX_KEYS]; /* where each key was set (0: default) */
 };
 
@@ -61,7 +63,10 @@ struct listener_cfg {
     size_t nallow;
     struct cidr *allow_from; /* who may connect at all (empty: everyone) */
     size_t nallow_from;
-    int require_auth;    /* the auth gate: MAIL refused until the upstream said 235 */
+    int require_auth; /* the auth gate: MAIL refused until the upstream said 235 */
+    int accept_proxy; /* a PROXY v1/v2 header is required from proxy_from */
+    struct cidr *proxy_from;
+    size_t nproxy_from;
     char *upstream_name; /* NULL: the default upstream */
     struct upstream_cfg *upstream;
     int key_line[CONFIG_MAX_KEYS];

@@ -439,12 +439,13 @@ static int over_cap(const struct config *cfg, const struct sockaddr_storage *pee
     return 0;
 }
 
-static int allowed(const struct listener_cfg *li, const struct sockaddr_storage *peer)
+/* An empty list allows everyone (allow_from); proxy_from is never empty. */
+static int in_list(const struct cidr *v, size_t n, const struct sockaddr_storage *peer)
 {
-    if (li->nallow_from == 0)
+    if (n == 0)
         return 1;
-    for (size_t i = 0; i < li->nallow_from; i++)
-        if (cidr_match(&li->allow_from[i], peer))
+    for (size_t i = 0; i < n; i++)
+        if (cidr_match(&v[i], peer))
             return 1;
     return 0;
 }
@@ -470,8 +471,12 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
                 pause_accepting(li->rt, errno);
             return;
         }
-        if (!allowed(li->cfg, &ss)) {
-            log_msg(LOG_LVL_INFO, 0, "event=reject listener=%s cap=allow_from", li->cfg->name);
+        /* Behind a load balancer the real client is only known from its
+         * PROXY header; allow_from is checked then (client.c). */
+        if (li->cfg->accept_proxy ? !in_list(li->cfg->proxy_from, li->cfg->nproxy_from, &ss)
+                                  : !in_list(li->cfg->allow_from, li->cfg->nallow_from, &ss)) {
+            log_msg(LOG_LVL_INFO, 0, "event=reject listener=%s cap=%s", li->cfg->name,
+                    li->cfg->accept_proxy ? "proxy_from" : "allow_from");
             close(fd);
             continue;
         }

@@ -166,6 +166,14 @@ void session_upstream_fd(struct session *s, int fd)
 
 /* ---- creation ---- */
 
+static void format_peer(struct session *s);
+
+void session_set_peer(struct session *s, const struct sockaddr_storage *peer)
+{
+    s->peer = *peer;
+    format_peer(s);
+}
+
 static void format_peer(struct session *s)
 {
     char ip[INET6_ADDRSTRLEN] = "?";
@@ -205,7 +213,11 @@ int session_new(struct listener *li, int fd, const struct sockaddr_storage *peer
     s->rt->refs++;
     s->cfg = s->rt->cfg;
     s->peer = *peer;
+    s->tcp_peer = *peer;
     format_peer(s);
+    socklen_t llen = sizeof(s->local);
+    if (getsockname(fd, (struct sockaddr *)&s->local, &llen) == -1)
+        memset(&s->local, 0, sizeof(s->local));
     conn_init(&s->c, s, fd);
     conn_watchers_init(&s->c);
     conn_init(&s->u, s, -1);
@@ -280,13 +292,13 @@ static void session_free(struct session *s)
     if (s->authed)
         log_quote(user, sizeof(user), s->auth_user, strlen(s->auth_user));
     slog(s, LOG_LVL_INFO,
-         "event=session_end client=%s listener=%s client_tls=%s client_cipher=%s "
+         "event=session_end client=%s%s%s listener=%s client_tls=%s client_cipher=%s "
          "upstream=%s upstream_tls=%s upstream_cipher=%s user=%s bytes_c2u=%llu "
          "bytes_u2c=%llu duration_ms=%.0f reason=%s",
-         s->peer_str, s->li->cfg->name, or_dash(s->c.tls_version), or_dash(s->c.tls_cipher),
-         s->uphase == UP_IDLE ? "-" : u->address, or_dash(s->u.tls_version),
-         or_dash(s->u.tls_cipher), user, (unsigned long long)s->bytes_c2u,
-         (unsigned long long)s->bytes_u2c, ms, reason);
+         s->peer_str, s->via[0] ? " via=" : "", s->via, s->li->cfg->name, or_dash(s->c.tls_version),
+         or_dash(s->c.tls_cipher), s->uphase == UP_IDLE ? "-" : u->address,
+         or_dash(s->u.tls_version), or_dash(s->u.tls_cipher), user,
+         (unsigned long long)s->bytes_c2u, (unsigned long long)s->bytes_u2c, ms, reason);
     conn_release(&s->c);
     conn_release(&s->u);
     if (s->prev)
@@ -296,7 +308,8 @@ static void session_free(struct session *s)
     if (s->next)
         s->next->prev = s->prev;
     nsessions--;
-    ip_dec(&s->peer);
+    ip_dec(&s->tcp_peer);
+    free(s->pp);
     runtime_unref(s->rt);
     free(s);
 }

@@ -64,6 +64,7 @@ struct conn {
 };
 
 enum client_phase {
+    CP_PROXY,     /* reading a PROXY protocol header from a load balancer */
     CP_HANDSHAKE, /* client TLS handshake (implicit, or after STARTTLS) */
     CP_PRETLS,    /* plaintext dialogue answered by the proxy */
     CP_STARTTLS,  /* our 220 is being flushed; the handshake starts after */
@@ -78,6 +79,8 @@ enum upstream_phase {
     UP_EHLO,
     UP_STARTTLS,
     UP_HANDSHAKE,
+    UP_XEHLO,   /* EHLO after TLS, to see whether XCLIENT is offered */
+    UP_XCLIENT, /* XCLIENT sent, waiting for its 220 */
     UP_READY,
     UP_CLOSED,
 };
@@ -110,7 +113,12 @@ struct session {
     enum close_kind closing;
     char reason[200];
     ev_tstamp started, last_activity;
-    struct sockaddr_storage peer;
+    struct sockaddr_storage peer;     /* the client (from a PROXY header if any) */
+    struct sockaddr_storage tcp_peer; /* who connected to us (caps count these) */
+    struct sockaddr_storage local;    /* the address the client connected to */
+    char via[64];                     /* the load balancer, if a PROXY header came */
+    uint8_t *pp;                      /* PROXY header bytes read so far */
+    size_t pp_len;
     char peer_str[64];
     char peer_ip[48];
     uint64_t bytes_c2u, bytes_u2c;
@@ -133,6 +141,9 @@ void session_close_all(const char *reason);
 
 /* Sends `reply` to every session's client and closes each once flushed. */
 void session_finish_all(const char *reply, const char *reason);
+
+/* Formats s->peer into peer_str / peer_ip (after a PROXY header changed it). */
+void session_set_peer(struct session *s, const struct sockaddr_storage *peer);
 
 /* Gives the session its upstream socket (watchers follow it). */
 void session_upstream_fd(struct session *s, int fd);

@@ -369,3 +369,28 @@ int smtp_sasl_user(enum smtp_sasl mech, const char *b64, size_t len, char *user,
     copy_printable(user, cap, start, (size_t)(end - start));
     return 0;
 }
+
+size_t smtp_xtext(const char *in, char *out, size_t cap)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    size_t o = 0;
+
+    if (cap == 0)
+        return 0;
+    for (; *in; in++) {
+        unsigned char c = (unsigned char)*in;
+        if (c < 33 || c > 126 || c == '+' || c == '=') {
+            if (o + 3 >= cap)
+                break;
+            out[o++] = '+';
+            out[o++] = hex[c >> 4];
+            out[o++] = hex[c & 15];
+        } else {
+            if (o + 1 >= cap)
+                break;
+            out[o++] = (char)c;
+        }
+    }
+    out[o] = '\0';
+    return o;
+}

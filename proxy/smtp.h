@@ -111,6 +111,13 @@ int smtp_ehlo_has(const char *reply, size_t len, const char *keyword);
 int smtp_ehlo_filter(const char *in, size_t len, char *out, size_t outcap, const char *drop,
                      const char *add, size_t *outlen);
 
+/*
+ * smtp_xtext(in, out, cap): RFC 3461 4 xtext encoding (used by XCLIENT
+ * attribute values): bytes outside '!'..'~' and '+' and '=' become "+HH".
+ * out is always NUL-terminated; returns its length (truncated to fit).
+ */
+size_t smtp_xtext(const char *in, char *out, size_t cap);
+
 /* SASL mechanisms whose user name the proxy can log (RFC 4954, 4616). */
 enum smtp_sasl { SASL_OTHER = 0, SASL_PLAIN, SASL_LOGIN, SASL_CRAM_MD5, SASL_XOAUTH2 };
 

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "proxyproto.h"
 
 #define R_UNREACHABLE "421 4.4.1 Upstream server unreachable, try again later\r\n"
 #define R_FAILED      "421 4.4.2 Upstream server error, try again later\r\n"
@@ -22,9 +23,10 @@
 static const char *stage_name(enum upstream_phase p)
 {
     static const char *const names[] = {
-        [UP_IDLE] = "idle",   [UP_CONNECTING] = "connect", [UP_GREETING] = "greeting",
-        [UP_EHLO] = "ehlo",   [UP_STARTTLS] = "starttls",  [UP_HANDSHAKE] = "tls",
-        [UP_READY] = "ready", [UP_CLOSED] = "closed",
+        [UP_IDLE] = "idle",       [UP_CONNECTING] = "connect", [UP_GREETING] = "greeting",
+        [UP_EHLO] = "ehlo",       [UP_STARTTLS] = "starttls",  [UP_HANDSHAKE] = "tls",
+        [UP_READY] = "ready",     [UP_CLOSED] = "closed",      [UP_XEHLO] = "xclient-ehlo",
+        [UP_XCLIENT] = "xclient",
     };
     return names[p];
 }
@@ -140,6 +142,49 @@ static void start_tls(struct session *s)
     enter(s, UP_HANDSHAKE);
 }
 
+/*
+ * The PROXY header goes out first on the fresh connection, before TLS; it is
+ * small enough for an empty socket buffer, so it is written directly rather
+ * than queued (a queued header could lose the race with the ClientHello).
+ */
+static int send_proxy_header(struct session *s)
+{
+    uint8_t hdr[PP_MAX_HEADER];
+    size_t n = pp_build(ucfg(s)->proxy_protocol, &s->peer, &s->local, hdr, sizeof(hdr));
+
+    if (n == 0) {
+        /* Unknown family (cannot happen for TCP): say so honestly. */
+        static const char v1[] = "PROXY UNKNOWN\r\n";
+        static const uint8_t v2[16] = {0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51,
+                                       0x55, 0x49, 0x54, 0x0A, 0x20, 0x00, 0x00, 0x00};
+        n = ucfg(s)->proxy_protocol == 1 ? sizeof(v1) - 1 : sizeof(v2);
+        memcpy(hdr, ucfg(s)->proxy_protocol == 1 ? (const void *)v1 : (const void *)v2, n);
+    }
+    if (send(s->u.fd, hdr, n, MSG_NOSIGNAL) != (ssize_t)n) {
+        upstream_fail(s, NULL, "cannot send the PROXY header: %s", strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* XCLIENT (Postfix XCLIENT_README): the real client's address and port. */
+static void send_xclient(struct session *s)
+{
+    char ip[64], port[16], a[80], b[32], line[200];
+    const char *fam = s->peer.ss_family == AF_INET6 ? "IPV6:" : "";
+
+    /* peer_ip is printable already; IPv6 addresses take an "IPV6:" prefix. */
+    snprintf(ip, sizeof(ip), "%s%s", fam, s->peer_ip);
+    snprintf(port, sizeof(port), "%u",
+             ntohs(s->peer.ss_family == AF_INET6
+                       ? ((const struct sockaddr_in6 *)&s->peer)->sin6_port
+                       : ((const struct sockaddr_in *)&s->peer)->sin_port));
+    smtp_xtext(ip, a, sizeof(a));
+    smtp_xtext(port, b, sizeof(b));
+    snprintf(line, sizeof(line), "XCLIENT ADDR=%s PORT=%s\r\n", a, b);
+    conn_queue(&s->u, line, strlen(line));
+}
+
 static int connected(struct session *s)
 {
     int err = 0;
@@ -166,6 +211,8 @@ static int connected(struct session *s)
         return 0;
     }
     s->u.readable = 1;
+    if (ucfg(s)->proxy_protocol && send_proxy_header(s) == -1)
+        return 0;
     if (ucfg(s)->tls == UPSTREAM_TLS_IMPLICIT)
         start_tls(s);
     else
@@ -217,6 +264,17 @@ static void ready(struct session *s)
          s->u.tls_version ? s->u.tls_version : "none");
 }
 
+/* The TLS part of the dialogue is done: XCLIENT if configured, else ready. */
+static void dialogue_done(struct session *s)
+{
+    if (!ucfg(s)->xclient) {
+        ready(s);
+        return;
+    }
+    send_line(s, "EHLO %s\r\n", s->cfg->hostname);
+    enter(s, UP_XEHLO);
+}
+
 int upstream_wants_read(const struct session *s)
 {
     const struct conn *u = &s->u;
@@ -224,7 +282,7 @@ int upstream_wants_read(const struct session *s)
     if (s->closing != CLOSE_NO || u->fd == -1 || u->eof || u->failed || conn_in_room(u) == 0)
         return 0;
     return s->uphase == UP_GREETING || s->uphase == UP_EHLO || s->uphase == UP_STARTTLS ||
-           s->uphase == UP_READY;
+           s->uphase == UP_XEHLO || s->uphase == UP_XCLIENT || s->uphase == UP_READY;
 }
 
 int upstream_step(struct session *s)
@@ -253,7 +311,7 @@ int upstream_step(struct session *s)
         if (ucfg(s)->tls == UPSTREAM_TLS_IMPLICIT)
             enter(s, UP_GREETING);
         else
-            ready(s);
+            dialogue_done(s);
         return 1;
     default:
         break;
@@ -284,7 +342,7 @@ int upstream_step(struct session *s)
             send_line(s, "EHLO %s\r\n", s->cfg->hostname);
             enter(s, UP_EHLO);
         } else {
-            ready(s);
+            dialogue_done(s);
         }
         progress = 1;
         break;
@@ -315,6 +373,39 @@ int upstream_step(struct session *s)
         }
         conn_consume(u, (uint32_t)r.len);
         start_tls(s);
+        progress = 1;
+        break;
+    case UP_XEHLO:
+        if (!dialogue_reply(s, &r))
+            break;
+        if (r.code != 250) {
+            upstream_fail(s, NULL, "EHLO after TLS refused with %d", r.code);
+            break;
+        }
+        if (smtp_ehlo_has(u->in.data + u->in.off, r.len, "XCLIENT")) {
+            conn_consume(u, (uint32_t)r.len);
+            send_xclient(s);
+            enter(s, UP_XCLIENT);
+        } else {
+            conn_consume(u, (uint32_t)r.len);
+            slog(s, LOG_LVL_WARNING,
+                 "event=xclient_unavailable upstream=%s msg=\"the upstream does not offer "
+                 "XCLIENT to us; it sees the proxy's address, not the client's\"",
+                 ucfg(s)->address);
+            ready(s);
+        }
+        progress = 1;
+        break;
+    case UP_XCLIENT:
+        if (!dialogue_reply(s, &r))
+            break;
+        /* Success is a fresh 220 greeting, which nobody is shown. */
+        if (r.code != 220) {
+            upstream_fail(s, NULL, "XCLIENT refused with %d", r.code);
+            break;
+        }
+        conn_consume(u, (uint32_t)r.len);
+        ready(s);
         progress = 1;
         break;
     case UP_READY:
