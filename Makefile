@@ -102,6 +102,11 @@ build/unit/test_config: tests/unit/test_config.c proxy/config.c proxy/log.c prox
 	$(CC) $(STD) -O1 -g $(WARN) $(CPPFLAGS) -fsanitize=address,undefined -fno-sanitize-recover=all \
 	  tests/unit/test_config.c proxy/config.c proxy/log.c -linih -o $@
 
+build/unit/test_proxyproto: tests/unit/test_proxyproto.c proxy/proxyproto.c proxy/smtp.c proxy/proxyproto.h
+	@mkdir -p build/unit
+	$(CC) $(STD) -O1 -g $(WARN) $(CPPFLAGS) -fsanitize=address,undefined -fno-sanitize-recover=all \
+	  tests/unit/test_proxyproto.c proxy/proxyproto.c proxy/smtp.c -o $@
+
 test-unit: $(UNIT_TESTS)
 	@set -e; for t in $(UNIT_TESTS); do echo "== $$t"; $$t; done
 

@@ -28,6 +28,21 @@ USERS = {USER: PASSWORD, "bob": "hunter2"}
 TF = float(os.environ.get("SMTPBRIDGE_TIME_FACTOR", "1"))
 SANITIZER_PATTERNS = ("ERROR: AddressSanitizer", "runtime error:",
                       "ERROR: LeakSanitizer", "WARNING: ThreadSanitizer")
+# SMTPBRIDGE_WRAPPER: a command prefix for the daemon (split with shlex), e.g.
+# "valgrind --error-exitcode=99 --leak-check=full -q" (make test-valgrind).
+WRAPPER = shlex.split(os.environ.get("SMTPBRIDGE_WRAPPER", ""))
+# Exit status valgrind uses for "errors found" (--error-exitcode=99).
+WRAPPER_ERROR_EXIT = 99
+# Memcheck reports that fail a test (the leak lines only appear when there is
+# a leak: -q suppresses the summary otherwise).
+VALGRIND_PATTERNS = (re.compile(r"are definitely lost in loss record"),
+                     re.compile(r"definitely lost: [1-9]"),
+                     re.compile(r"Invalid (read|write|free)"),
+                     re.compile(r"Mismatched free"),
+                     re.compile(r"Conditional jump or move depends on uninitialised"),
+                     re.compile(r"Use of uninitialised value"),
+                     re.compile(r"Syscall param .* (uninitialised|unaddressable)"),
+                     re.compile(r"Source and destination overlap"))
 
 
 def free_port(host="127.0.0.1"):
@@ -122,7 +137,7 @@ class Daemon:
     def start(self, timeout=10.0):
         self._err = open(self.stderr_path, "ab")
         self._out = open(self.stdout_path, "ab")
-        self.proc = subprocess.Popen([BIN, "-c", self.conf], stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(WRAPPER + [BIN, "-c", self.conf], stdin=subprocess.DEVNULL,
                                      stdout=self._out, stderr=self._err,
                                      cwd=self.tmpdir)
         deadline = time.monotonic() + timeout * TF
@@ -197,6 +212,13 @@ class Daemon:
             i = text.find(pat)
             if i >= 0:
                 return text[max(0, i - 200):i + 3000]
+        for rx in VALGRIND_PATTERNS:
+            m = rx.search(text)
+            if m:
+                return text[max(0, m.start() - 200):m.start() + 3000]
+        if WRAPPER and self.returncode == WRAPPER_ERROR_EXIT:
+            return ("wrapper %r exited %d (its error exit code); stderr tail:\n%s"
+                    % (" ".join(WRAPPER), WRAPPER_ERROR_EXIT, text[-3000:]))
         return None
 
 
@@ -380,3 +402,205 @@ def dot_stuff(data):
     if not payload.endswith(b"\r\n"):
         payload += b"\r\n"
     return payload + b".\r\n"
+
+
+# --------------------------------------------------------------------------
+# process inspection and attack helpers (test_attacks/test_limits/...)
+
+
+def proc_status(pid):
+    """/proc/PID/status as a dict of str -> str."""
+    out = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+def rss_now_kb(pid):
+    """Current resident set size (VmRSS) in KiB."""
+    return int(proc_status(pid)["VmRSS"].split()[0])
+
+
+def fd_count(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process, in seconds (/proc/PID/stat)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rpartition(")")[2].split()
+    # fields[0] is state (field 3); utime/stime are fields 14/15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_fds(pid, target, timeout=5.0):
+    """Wait until the process has at most `target` fds; return the count."""
+    deadline = time.monotonic() + timeout * TF
+    n = fd_count(pid)
+    while n > target and time.monotonic() < deadline:
+        time.sleep(0.05)
+        n = fd_count(pid)
+    return n
+
+
+def rst_close(sock):
+    """Close with an RST (SO_LINGER 0) instead of a FIN."""
+    import struct
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+class MemTLS:
+    """A TLS client over a raw socket with ssl.MemoryBIO, so that the test
+    decides exactly which TLS records go into which TCP segment, and can
+    half-close the TCP connection (shutdown(SHUT_WR)) and keep reading."""
+
+    def __init__(self, sock, ctx, server_hostname="localhost", timeout=10.0):
+        self.sock = sock
+        self.timeout = timeout * TF
+        self.inc = ssl.MemoryBIO()
+        self.out = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_hostname=server_hostname)
+        self.plain = b""
+        self.eof = False
+
+    def _flush(self):
+        data = self.out.read()
+        if data:
+            self.sock.sendall(data)
+
+    def _recv_raw(self, deadline):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("MemTLS deadline")
+        self.sock.settimeout(left)
+        data = self.sock.recv(65536)
+        if not data:
+            self.inc.write_eof()
+            self.eof = True
+        else:
+            self.inc.write(data)
+        return data
+
+    def handshake(self):
+        deadline = time.monotonic() + self.timeout
+        for _ in range(1000):
+            try:
+                self.obj.do_handshake()
+                self._flush()
+                return
+            except ssl.SSLWantReadError:
+                self._flush()
+                if not self._recv_raw(deadline):
+                    raise EOFError("EOF during handshake")
+        raise AssertionError("handshake did not finish")
+
+    def records(self, *chunks):
+        """Encrypt each chunk as its own write (its own record) and return
+        the raw bytes without sending them."""
+        for ch in chunks:
+            self.obj.write(ch)
+        return self.out.read()
+
+    def send(self, *chunks):
+        self.sock.sendall(self.records(*chunks))
+
+    def _pump(self, deadline):
+        """Decrypt what is buffered, else receive once; False at EOF."""
+        got = False
+        while True:
+            try:
+                d = self.obj.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self.eof = True
+                return False
+            if not d:
+                self.eof = True
+                return False
+            self.plain += d
+            got = True
+        if got:
+            return True
+        if self.eof:
+            return False
+        if not self._recv_raw(deadline):
+            # give the BIO a chance to report the EOF
+            try:
+                d = self.obj.read(65536)
+                self.plain += d
+            except (ssl.SSLError, ssl.SSLWantReadError):
+                pass
+            return False
+        return True
+
+    def read_reply(self, timeout=None):
+        deadline = time.monotonic() + (timeout * TF if timeout else self.timeout)
+        lines = []
+        raw = b""
+        for _ in range(100000):
+            while b"\n" not in self.plain:
+                if not self._pump(deadline) and b"\n" not in self.plain:
+                    raise EOFError("closed; buffered %r" % self.plain)
+            line, _, self.plain = self.plain.partition(b"\n")
+            raw += line + b"\n"
+            s = line.rstrip(b"\r").decode("utf-8", "replace")
+            lines.append(s)
+            if len(s) < 4 or s[3] != "-":
+                break
+        return Reply(lines, raw)
+
+    def cmd(self, line, timeout=None):
+        if isinstance(line, str):
+            line = line.encode()
+        self.send(line + b"\r\n")
+        return self.read_reply(timeout)
+
+    def read_until_close(self, timeout=5.0):
+        deadline = time.monotonic() + timeout * TF
+        try:
+            while self._pump(deadline):
+                pass
+            closed = True
+        except socket.timeout:
+            closed = False
+        except (ConnectionResetError, OSError):
+            closed = True
+        data, self.plain = self.plain, b""
+        return data, closed
+
+
+def assert_healthy(d, certs, fd_base=None, full=True, listener=None):
+    """After an attack: the daemon is alive, a normal session works (full:
+    through the upstream on the implicit listener; otherwise a pre-TLS
+    dialogue on the starttls one), and its fd count returns to fd_base."""
+    assert d.alive(), "daemon died (rc=%s); stderr tail:\n%s" % (
+        d.proc.returncode, d.log()[-3000:])
+    if fd_base is not None:
+        n = wait_fds(d.proc.pid, fd_base, timeout=5)
+        assert n <= fd_base, "daemon holds %d fds, baseline %d: %s" % (
+            n, fd_base, sorted(os.listdir("/proc/%d/fd" % d.proc.pid)))
+    if full:
+        s = smtp_ssl(certs, *d.addr(listener or "smtps"))
+        code, _ = s.ehlo("after-attack.test")
+        assert code == 250, code
+        assert s.noop()[0] == 250
+        s.quit()
+    else:
+        with RawClient(*d.addr(listener or "sub")) as c:
+            assert c.read_reply().code == 220
+            assert c.cmd("EHLO after-attack.test").code == 250
+            assert c.cmd("QUIT").code == 221
+    if fd_base is not None:
+        n = wait_fds(d.proc.pid, fd_base, timeout=5)
+        assert n <= fd_base, "daemon holds %d fds after a normal session, baseline %d" % (
+            n, fd_base)

@@ -238,3 +238,28 @@ def bridge(make_bridge, upstream):
     """A daemon with an implicit (smtps) and a starttls (sub) listener in front
     of the real upstream."""
     return make_bridge(upstream.address)
+
+
+@pytest.fixture
+def scripted_bridge(make_bridge, certs):
+    """scripted_bridge(script, cert="upstream", upstream_opts=..., global_opts=...,
+    listener_opts=..., cls=ScriptedUpstream, **kw) -> (daemon, scripted upstream).
+    The daemon's teardown health check is "light" (no upstream involved)."""
+    from scripted_upstream import ScriptedUpstream
+    ups = []
+
+    def factory(script, cert="upstream", upstream_opts=None, global_opts=None,
+                listener_opts=None, cls=ScriptedUpstream, health="light", **kw):
+        kw.setdefault("drain_timeout", 2.0)
+        up = cls(script, cert=os.path.join(certs, cert + ".pem"),
+                 key=os.path.join(certs, cert + ".key"), **kw).start()
+        ups.append(up)
+        opts = {"reply_timeout": "3s", "connect_timeout": "2s"}
+        opts.update(upstream_opts or {})
+        d = make_bridge(up.address, upstream_opts=opts, global_opts=global_opts,
+                        listener_opts=listener_opts, health=health)
+        return d, up
+
+    yield factory
+    for up in ups:
+        up.stop()
