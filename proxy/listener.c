@@ -345,6 +345,8 @@ void runtime_unref(struct runtime *rt)
         if (rt->ups[i].ctx)
             wolfSSL_CTX_free(rt->ups[i].ctx);
         free_ai(&rt->ups[i]);
+        if (rt->ups[i].resume)
+            wolfSSL_SESSION_free(rt->ups[i].resume);
     }
     free(rt->lis);
     free(rt->ups);

@@ -26,6 +26,10 @@ struct upstream_rt {
     ev_async resolved;
     ev_timer refresh;
     int busy;
+    /* The last resumable TLS session with this upstream: the proxy talks to
+     * the same server all day, and a resumed handshake skips the
+     * certificate chain and most of the public-key work. */
+    WOLFSSL_SESSION *resume;
 };
 
 /* Starts (or hurries) a background re-resolution of the upstream's name. */

@@ -288,17 +288,19 @@ static void session_free(struct session *s)
     double ms = (ev_now(EV_DEFAULT) - s->started) * 1000.0;
 
     conn_shutdown_write(&s->c);
+    upstream_save_tls_session(s);
     log_quote(reason, sizeof(reason), s->reason, strlen(s->reason));
     if (s->authed)
         log_quote(user, sizeof(user), s->auth_user, strlen(s->auth_user));
     slog(s, LOG_LVL_INFO,
          "event=session_end client=%s%s%s listener=%s client_tls=%s client_cipher=%s "
-         "upstream=%s upstream_tls=%s upstream_cipher=%s user=%s bytes_c2u=%llu "
+         "upstream=%s upstream_tls=%s upstream_cipher=%s%s user=%s bytes_c2u=%llu "
          "bytes_u2c=%llu duration_ms=%.0f reason=%s",
          s->peer_str, s->via[0] ? " via=" : "", s->via, s->li->cfg->name, or_dash(s->c.tls_version),
          or_dash(s->c.tls_cipher), s->uphase == UP_IDLE ? "-" : u->address,
-         or_dash(s->u.tls_version), or_dash(s->u.tls_cipher), user,
-         (unsigned long long)s->bytes_c2u, (unsigned long long)s->bytes_u2c, ms, reason);
+         or_dash(s->u.tls_version), or_dash(s->u.tls_cipher),
+         s->up_resumed ? " upstream_resumed=yes" : "", user, (unsigned long long)s->bytes_c2u,
+         (unsigned long long)s->bytes_u2c, ms, reason);
     conn_release(&s->c);
     conn_release(&s->u);
     if (s->prev)

@@ -105,6 +105,7 @@ struct session {
     unsigned discard_line : 1; /* pre-TLS: skipping an over-long line */
     unsigned in_auth : 1;      /* the upstream sent 334: next line is SASL */
     unsigned authed : 1;       /* the upstream answered AUTH with 235 */
+    unsigned up_resumed : 1;   /* the upstream TLS handshake was a resumption */
     enum smtp_sasl auth_mech;
     unsigned auth_steps; /* client responses in this AUTH exchange */
     char auth_user[64];  /* for logs only; never the password */
@@ -208,6 +209,8 @@ int client_wants_read(const struct session *s);
 void upstream_start(struct session *s);
 int upstream_step(struct session *s);
 void upstream_timeout(struct session *s);
+/* Keeps the upstream's TLS session for resumption by later sessions. */
+void upstream_save_tls_session(struct session *s);
 int upstream_wants_read(const struct session *s);
 /* Logs the failure, closes the upstream, tells the client 421. */
 void upstream_fail(struct session *s, const char *reply, const char *fmt, ...)

@@ -138,6 +138,8 @@ static void start_tls(struct session *s)
         upstream_fail(s, NULL, "cannot create TLS session");
         return;
     }
+    if (s->li->up->resume != NULL)
+        wolfSSL_set_session(ssl, s->li->up->resume);
     conn_start_tls(&s->u, ssl);
     enter(s, UP_HANDSHAKE);
 }
@@ -306,8 +308,9 @@ int upstream_step(struct session *s)
         }
         if (n == 0)
             return 0;
-        slog(s, LOG_LVL_DEBUG, "event=upstream_tls version=%s cipher=%s", u->tls_version,
-             u->tls_cipher);
+        s->up_resumed = wolfSSL_session_reused(u->ssl) == 1;
+        slog(s, LOG_LVL_DEBUG, "event=upstream_tls version=%s cipher=%s resumed=%s", u->tls_version,
+             u->tls_cipher, s->up_resumed ? "yes" : "no");
         if (ucfg(s)->tls == UPSTREAM_TLS_IMPLICIT)
             enter(s, UP_GREETING);
         else
@@ -418,6 +421,24 @@ int upstream_step(struct session *s)
         break;
     }
     return progress;
+}
+
+void upstream_save_tls_session(struct session *s)
+{
+    struct upstream_rt *up = s->li->up;
+    WOLFSSL_SESSION *sess;
+
+    /* Only a cleanly used connection: a failed or unverified one must not
+     * seed later handshakes. TLS 1.3 tickets arrive after the handshake, so
+     * this runs when the session ends, not when TLS comes up. */
+    if (s->u.ssl == NULL || !s->u.tls_up || s->u.failed || s->uphase != UP_READY)
+        return;
+    sess = wolfSSL_get1_session(s->u.ssl);
+    if (sess == NULL)
+        return;
+    if (up->resume)
+        wolfSSL_SESSION_free(up->resume);
+    up->resume = sess;
 }
 
 void upstream_timeout(struct session *s)
