@@ -158,6 +158,7 @@ static int proxy_header(struct session *s)
             return 1;
     }
     if (r < 0 || err != NULL) {
+        session_end_kind(s, END_REFUSED);
         slog(s, LOG_LVL_WARNING, "event=proxy_rejected via=%s reason=\"%s\"", s->peer_str, err);
         session_close(s, "bad PROXY header: %s", err);
         return 0;
@@ -179,6 +180,7 @@ static int proxy_header(struct session *s)
     if (!allowed_from(s)) {
         slog(s, LOG_LVL_INFO, "event=reject listener=%s cap=allow_from client=%s via=%s",
              s->li->cfg->name, s->peer_str, s->via);
+        session_end_kind(s, END_REFUSED);
         session_close(s, "client not in allow_from");
         return 0;
     }
@@ -197,8 +199,10 @@ int client_wants_read(const struct session *s)
 
 static void count_error(struct session *s)
 {
-    if (++s->errors >= s->cfg->max_errors)
+    if (++s->errors >= s->cfg->max_errors) {
+        session_end_kind(s, END_ERRORS);
         session_finish(s, R_ERRS, "too many errors (%u)", s->errors);
+    }
 }
 
 /*
@@ -213,6 +217,7 @@ static int starttls_injection(struct session *s)
         return 0;
     slog(s, LOG_LVL_WARNING, "event=starttls_injection client=%s bytes=%u", s->peer_str,
          s->c.in.len);
+    session_end_kind(s, END_INJECTION);
     session_finish(s, R_INJECT, "data pipelined after STARTTLS (command injection attempt)");
     return 1;
 }
@@ -388,11 +393,13 @@ static void auth_result(struct session *s, int code)
     log_quote(user, sizeof(user), s->auth_user, strlen(s->auth_user));
     if (code == 235) {
         s->authed = 1;
+        metrics_auth(1);
         slog(s, LOG_LVL_INFO, "event=auth_ok ip=%s user=%s", s->peer_ip, user);
         if (s->li->cfg->require_auth)
             splice_enter(s);
         return;
     }
+    metrics_auth(0);
     slog(s, LOG_LVL_WARNING, "event=auth_failed ip=%s user=%s code=%d", s->peer_ip, user, code);
     count_error(s);
 }
@@ -619,6 +626,8 @@ int client_step(struct session *s)
     case CP_HANDSHAKE:
         r = conn_handshake(c, 1);
         if (r < 0) {
+            session_end_kind(s, END_CLIENT_TLS);
+            metrics_tls_failure("client", "handshake");
             session_close(s, "client TLS handshake failed: %s", c->errmsg);
             return 0;
         }
@@ -650,6 +659,7 @@ int client_step(struct session *s)
         if (r > 0)
             progress = 1;
         else if (r < 0 && c->failed) {
+            session_end_kind(s, END_IO);
             session_close(s, "client read failed: %s", c->errmsg);
             return 0;
         }
@@ -672,9 +682,12 @@ void client_timeout(struct session *s)
     }
     switch (s->cphase) {
     case CP_PROXY:
+        session_end_kind(s, END_TIMEOUT);
         session_close(s, "no complete PROXY header within %gs", s->cfg->handshake_timeout);
         break;
     case CP_HANDSHAKE:
+        session_end_kind(s, END_TIMEOUT);
+        metrics_tls_failure("client", "timeout");
         session_close(s, "client TLS handshake timeout (%gs)", s->cfg->handshake_timeout);
         break;
     case CP_STARTTLS:
@@ -682,6 +695,7 @@ void client_timeout(struct session *s)
         break;
     case CP_PRETLS:
     case CP_FOLLOW:
+        session_end_kind(s, END_TIMEOUT);
         session_finish(s, R_TIMEOUT, "client command timeout (%gs)", s->cfg->command_timeout);
         break;
     case CP_SPLICE:

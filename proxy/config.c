@@ -437,6 +437,7 @@ struct keydef {
 static const char *const tls_words[] = {"starttls", "implicit", "none", NULL};
 static const char *const mode_words[] = {"implicit", "starttls", NULL};
 static const char *const pp_words[] = {"off", "v1", "v2", NULL};
+static const char *const format_words[] = {"text", "json", NULL};
 
 #define G(f) offsetof(struct config, f)
 #define U(f) offsetof(struct upstream_cfg, f)
@@ -446,9 +447,11 @@ static const struct keydef global_keys[] = {
     {"hostname", K_STR, G(hostname), 0, NULL},
     {"user", K_STR, G(user), 0, NULL},
     {"group", K_STR, G(group), 0, NULL},
+    {"admin", K_STR, G(admin), 0, NULL},
     {"run_as_root", K_BOOL, G(run_as_root), 0, NULL},
     {"log_level", K_LEVEL, G(log_level), 0, NULL},
     {"syslog", K_BOOL, G(syslog), 0, NULL},
+    {"log_format", K_ENUM, G(log_json), 0, format_words},
     {"max_sessions", K_UINT, G(max_sessions), 1000000, NULL},
     {"max_sessions_per_ip", K_UINT, G(max_sessions_per_ip), 1000000, NULL},
     {"buffer_size", K_SIZE, G(buffer_size), 0, NULL},
@@ -716,6 +719,15 @@ static void validate(struct parse *p)
     struct config *cfg = p->cfg;
     char sec[160];
 
+    if (cfg->admin != NULL) {
+        char *h, *pt;
+        if (config_split_hostport(cfg->admin, &h, &pt) == -1) {
+            perr(p, G_AT("admin"), "[global] key 'admin': '%s' is not host:port", cfg->admin);
+        } else {
+            free(h);
+            free(pt);
+        }
+    }
     if (cfg->max_errors == 0)
         perr(p, G_AT("max_errors"), "[global] key 'max_errors': must be at least 1");
     if (cfg->buffer_size < 4096 || cfg->buffer_size > 1024 * 1024)
@@ -928,6 +940,7 @@ void config_free(struct config *cfg)
     free(cfg->hostname);
     free(cfg->user);
     free(cfg->group);
+    free(cfg->admin);
     free(cfg);
 }
 
@@ -970,12 +983,15 @@ void config_dump(const struct config *cfg, FILE *out)
         fprintf(out, "group = %s\n", cfg->group);
     if (cfg->run_as_root)
         fprintf(out, "run_as_root = yes\n");
+    if (cfg->admin)
+        fprintf(out, "admin = %s\n", cfg->admin);
     fprintf(out,
-            "log_level = %s\nsyslog = %s\nmax_sessions = %u\nmax_sessions_per_ip = %u\n"
+            "log_level = %s\nlog_format = %s\nsyslog = %s\nmax_sessions = %u\nmax_sessions_per_ip "
+            "= %u\n"
             "buffer_size = %zu\nhandshake_timeout = %gs\ncommand_timeout = %gs\n"
             "idle_timeout = %gs\ndrain_timeout = %gs\nmax_errors = %u\n",
-            lvl[cfg->log_level], cfg->syslog ? "yes" : "no", cfg->max_sessions,
-            cfg->max_sessions_per_ip, cfg->buffer_size, cfg->handshake_timeout,
+            lvl[cfg->log_level], format_words[cfg->log_json], cfg->syslog ? "yes" : "no",
+            cfg->max_sessions, cfg->max_sessions_per_ip, cfg->buffer_size, cfg->handshake_timeout,
             cfg->command_timeout, cfg->idle_timeout, cfg->drain_timeout, cfg->max_errors);
     for (size_t i = 0; i < cfg->nupstreams; i++) {
         const struct upstream_cfg *u = &cfg->upstreams[i];

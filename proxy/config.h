@@ -76,8 +76,10 @@ struct config {
     char *path;
     char *hostname;
     char *user, *group;
+    char *admin; /* host:port of the metrics/health endpoint, or NULL */
     int run_as_root;
     enum log_level log_level;
+    int log_json; /* log_format = json */
     int syslog;
     unsigned max_sessions, max_sessions_per_ip;
     size_t buffer_size;

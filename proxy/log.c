@@ -11,7 +11,92 @@
 #include <time.h>
 
 static enum log_level threshold = LOG_LVL_INFO;
-static int to_syslog;
+static int to_syslog, as_json;
+
+void log_set_json(int on)
+{
+    as_json = on;
+}
+
+/* Appends s[0..n) to a JSON string (quotes not included). */
+static size_t json_str(char *out, size_t o, size_t cap, const char *s, size_t n)
+{
+    for (size_t i = 0; i < n && o + 7 < cap; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"' || c == '\\') {
+            out[o++] = '\\';
+            out[o++] = (char)c;
+        } else if (c < 0x20) {
+            o += (size_t)snprintf(out + o, cap - o, "\\u%04x", c);
+        } else {
+            out[o++] = (char)c;
+        }
+    }
+    return o;
+}
+
+/*
+ * Rewrites a "k=v k2=\"quoted v\"" line (our own format, after the time
+ * stamp) as a JSON object; words without '=' are gathered under "msg".
+ */
+static size_t to_json(const char *ts, const char *kv, char *out, size_t cap)
+{
+    size_t o = 0;
+    const char *p = kv;
+
+    o += (size_t)snprintf(out, cap, "{\"ts\":\"%s\"", ts);
+    while (*p && o + 16 < cap) {
+        while (*p == ' ')
+            p++;
+        if (*p == '\0')
+            break;
+        const char *eq = p, *end;
+        while (*eq && *eq != '=' && *eq != ' ')
+            eq++;
+        if (*eq != '=') {
+            /* a bare word */
+            o += (size_t)snprintf(out + o, cap - o, ",\"msg\":\"");
+            o = json_str(out, o, cap, p, (size_t)(eq - p));
+            if (o + 2 < cap)
+                out[o++] = '"';
+            p = eq;
+            continue;
+        }
+        out[o++] = ',';
+        out[o++] = '"';
+        o = json_str(out, o, cap, p, (size_t)(eq - p));
+        if (o + 3 >= cap)
+            break;
+        out[o++] = '"';
+        out[o++] = ':';
+        out[o++] = '"';
+        if (eq[1] == '"') {
+            /* quoted value: up to the unescaped closing quote */
+            const char *v = eq + 2;
+            for (end = v; *end && *end != '"'; end++)
+                if (*end == '\\' && end[1])
+                    end++;
+            for (const char *c = v; c < end && o + 8 < cap; c++) {
+                if (*c == '\\' && c + 1 < end)
+                    c++;
+                o = json_str(out, o, cap, c, 1);
+            }
+            p = *end ? end + 1 : end;
+        } else {
+            for (end = eq + 1; *end && *end != ' '; end++)
+                ;
+            o = json_str(out, o, cap, eq + 1, (size_t)(end - eq - 1));
+            p = end;
+        }
+        if (o + 2 < cap)
+            out[o++] = '"';
+    }
+    if (o + 2 >= cap)
+        o = cap - 3;
+    out[o++] = '}';
+    out[o++] = '\n';
+    return o;
+}
 
 static const char *const level_names[] = {"debug", "info", "warning", "error"};
 
@@ -70,7 +155,16 @@ void log_msg(enum log_level level, uint64_t sid, const char *fmt, ...)
         n = (int)sizeof(line) - 2;
     line[n++] = '\n';
     /* One write per line so that lines from several processes never mix. */
-    fwrite(line, 1, (size_t)n, stderr);
+    if (as_json) {
+        char js[4096], stamp[40];
+        line[n - 1] = '\0';
+        snprintf(stamp, sizeof(stamp), "%s.%03dZ", ts, (int)(tv.tv_usec / 1000));
+        size_t jn = to_json(stamp, line + 25, js, sizeof(js));
+        line[n - 1] = '\n';
+        fwrite(js, 1, jn, stderr);
+    } else {
+        fwrite(line, 1, (size_t)n, stderr);
+    }
     fflush(stderr);
     if (to_syslog) {
         static const int prio[] = {LOG_DEBUG, LOG_INFO, LOG_WARNING, LOG_ERR};

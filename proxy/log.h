@@ -18,6 +18,9 @@ enum log_level { LOG_LVL_DEBUG = 0, LOG_LVL_INFO, LOG_LVL_WARNING, LOG_LVL_ERROR
 /* Sets the threshold and whether to copy lines to syslog (facility mail). */
 void log_init(enum log_level threshold, int use_syslog);
 
+/* Writes stderr lines as one JSON object each instead of key=value. */
+void log_set_json(int on);
+
 /* Parses "debug|info|warning|error"; returns 0 and sets *out, or -1. */
 int log_level_parse(const char *s, enum log_level *out);
 

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "admin.h"
 #include "config.h"
 #include "listener.h"
 #include "log.h"
@@ -175,6 +176,7 @@ static void stop_cb(struct ev_loop *loop, ev_signal *w, int revents)
         return;
     }
     draining = 1;
+    admin_set_draining();
     log_msg(LOG_LVL_INFO, 0, "event=drain signal=%s sessions=%u timeout=%gs",
             w->signum == SIGINT ? "INT" : "TERM", session_count(), wait);
     listener_close(rt);
@@ -220,6 +222,10 @@ static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
                 "running one\"");
         return;
     }
+    if ((cfg->admin == NULL) != (rt->cfg->admin == NULL) ||
+        (cfg->admin && strcmp(cfg->admin, rt->cfg->admin) != 0))
+        log_msg(LOG_LVL_WARNING, 0,
+                "event=reload_warning msg=\"a change of 'admin' needs a restart\"");
     if ((cfg->user == NULL) != (rt->cfg->user == NULL) ||
         (cfg->user && strcmp(cfg->user, rt->cfg->user) != 0))
         log_msg(LOG_LVL_WARNING, 0,
@@ -232,6 +238,7 @@ static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
         return;
     }
     log_init(debug_logging ? LOG_LVL_DEBUG : next->cfg->log_level, next->cfg->syslog);
+    log_set_json(next->cfg->log_json);
     listener_stop(rt);
     runtime_unref(rt); /* freed once its last session ends */
     rt = next;
@@ -289,6 +296,7 @@ int main(int argc, char **argv)
         return 1;
     }
     log_init(debug ? LOG_LVL_DEBUG : cfg->log_level, test ? 0 : cfg->syslog);
+    log_set_json(cfg->log_json);
     if (tls_init() == -1) {
         fprintf(stderr, "smtpbridge: cannot initialise wolfSSL\n");
         config_free(cfg);
@@ -320,6 +328,12 @@ int main(int argc, char **argv)
         return 0;
     }
     startup_warnings(rt->cfg);
+    if (rt->cfg->admin != NULL && admin_bind(rt->cfg->admin) == -1) {
+        fprintf(stderr, "smtpbridge: cannot bind the admin address %s\n", rt->cfg->admin);
+        runtime_unref(rt);
+        tls_cleanup();
+        return 1;
+    }
     if (drop_privileges(rt->cfg) == -1) {
         runtime_unref(rt);
         tls_cleanup();
@@ -333,6 +347,7 @@ int main(int argc, char **argv)
     ev_signal_start(loop, &sig_int);
     ev_signal_start(loop, &sig_hup);
     listener_start(rt);
+    admin_start();
     size_t nsock = 0;
     for (size_t i = 0; i < rt->nlis; i++)
         nsock += rt->lis[i].nfds;
@@ -342,6 +357,7 @@ int main(int argc, char **argv)
     ev_run(loop, 0);
 
     session_close_all("proxy shutting down");
+    admin_stop();
     runtime_unref(rt);
     conn_pool_trim();
     tls_cleanup();

@@ -57,9 +57,10 @@ static int parse_v1(const uint8_t *buf, size_t len, struct pp_result *res, const
     size_t n;
     int nf = 0, family;
 
-    cr = memchr(buf, '\r', len < 107 ? len : 107);
+    /* At most 107 bytes with the CRLF: the CR is among the first 106. */
+    cr = memchr(buf, '\r', len < 106 ? len : 106);
     if (cr == NULL) {
-        if (len >= 107) {
+        if (len >= 106) {
             *err = "PROXY v1 header longer than 107 bytes";
             return -1;
         }
@@ -80,9 +81,20 @@ static int parse_v1(const uint8_t *buf, size_t len, struct pp_result *res, const
             return -1;
         }
     }
-    for (char *t = strtok_r(line, " ", &save); t && nf < 6; t = strtok_r(NULL, " ", &save))
+    /* Fields are separated by exactly one space (strtok alone would take
+     * runs of them). */
+    if (strstr(line, "  ") != NULL || (n > 0 && line[n - 1] == ' ')) {
+        *err = "malformed PROXY v1 header";
+        return -1;
+    }
+    for (char *t = strtok_r(line, " ", &save); t != NULL; t = strtok_r(NULL, " ", &save)) {
+        if (nf == 6) {
+            *err = "PROXY v1 header with too many fields";
+            return -1;
+        }
         f[nf++] = t;
-    if (strtok_r(NULL, " ", &save) != NULL || nf < 2 || strcmp(f[0], "PROXY") != 0) {
+    }
+    if (nf < 2 || strcmp(f[0], "PROXY") != 0) {
         *err = "malformed PROXY v1 header";
         return -1;
     }

@@ -223,6 +223,9 @@ int session_new(struct listener *li, int fd, const struct sockaddr_storage *peer
     conn_init(&s->u, s, -1);
     conn_watchers_init(&s->u);
     s->started = s->last_activity = ev_now(EV_DEFAULT);
+    s->m = metrics_listener(li->cfg->name);
+    s->m->total++;
+    s->m->active++;
     s->next = all_sessions;
     if (all_sessions)
         all_sessions->prev = s;
@@ -301,6 +304,9 @@ static void session_free(struct session *s)
          or_dash(s->u.tls_version), or_dash(s->u.tls_cipher),
          s->up_resumed ? " upstream_resumed=yes" : "", user, (unsigned long long)s->bytes_c2u,
          (unsigned long long)s->bytes_u2c, ms, reason);
+    if (s->end == END_UNSET)
+        s->end = s->cphase == CP_SPLICE ? END_COMPLETED : END_ABANDONED;
+    metrics_session_end(s->m, s->end, s->bytes_c2u, s->bytes_u2c);
     conn_release(&s->c);
     conn_release(&s->u);
     if (s->prev)
@@ -323,6 +329,7 @@ void session_finish_all(const char *reply, const char *reason)
     for (; s != NULL; s = next) {
         next = s->next;
         if (s->closing == CLOSE_NO) {
+            session_end_kind(s, END_SHUTDOWN);
             session_finish(s, reply, "%s", reason);
             session_run(s);
         }
@@ -333,6 +340,7 @@ void session_close_all(const char *reason)
 {
     while (all_sessions) {
         struct session *s = all_sessions;
+        session_end_kind(s, END_SHUTDOWN);
         session_close(s, "%s", reason);
         session_run(s);
     }
@@ -377,6 +385,7 @@ void session_run(struct session *s)
         }
         int n = conn_flush(&s->c, &s->u, &s->bytes_u2c);
         if (n < 0) {
+            session_end_kind(s, END_IO);
             session_close(s, "client write failed: %s", s->c.errmsg);
             break;
         }
@@ -384,6 +393,7 @@ void session_run(struct session *s)
         if (s->u.fd != -1 && s->uphase != UP_CONNECTING && !s->u.handshaking) {
             n = conn_flush(&s->u, &s->c, &s->bytes_c2u);
             if (n < 0) {
+                session_end_kind(s, END_IO);
                 session_close(s, "upstream write failed: %s", s->u.errmsg);
                 break;
             }

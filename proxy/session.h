@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
+#include "metrics.h"
 #include "runtime.h"
 #include "smtp.h"
 #include "tls.h"
@@ -112,6 +113,9 @@ struct session {
     unsigned errors;
     size_t ai_next; /* next upstream address to try */
     enum close_kind closing;
+    enum end_kind end; /* for metrics; first cause wins */
+    struct listener_metrics *m;
+    ev_tstamp dial_start;
     char reason[200];
     ev_tstamp started, last_activity;
     struct sockaddr_storage peer;     /* the client (from a PROXY header if any) */
@@ -160,6 +164,13 @@ void session_close(struct session *s, const char *fmt, ...) __attribute__((forma
  * session to be freed once the reply is flushed (or after a short deadline). */
 void session_finish(struct session *s, const char *reply, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+
+/* Records why the session ends (the first cause recorded wins). */
+#define session_end_kind(s, k)                                                                     \
+    do {                                                                                           \
+        if ((s)->end == END_UNSET)                                                                 \
+            (s)->end = (k);                                                                        \
+    } while (0)
 
 /* Logs a line about this session. */
 #define slog(s, level, ...) log_msg((level), (s)->id, __VA_ARGS__)

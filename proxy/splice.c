@@ -61,5 +61,6 @@ void splice_idle_check(struct session *s)
         conn_deadline(&s->c, s->cfg->idle_timeout - idle);
         return;
     }
+    session_end_kind(s, END_TIMEOUT);
     session_finish(s, R_IDLE, "idle timeout (%gs)", s->cfg->idle_timeout);
 }

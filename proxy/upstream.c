@@ -45,6 +45,7 @@ void upstream_fail(struct session *s, const char *reply, const char *fmt, ...)
     vsnprintf(what, sizeof(what), fmt, ap);
     va_end(ap);
     log_quote(q, sizeof(q), what, strlen(what));
+    session_end_kind(s, END_UPSTREAM);
     slog(s, LOG_LVL_WARNING, "event=upstream_failed client=%s upstream=%s stage=%s reason=%s",
          s->peer_str, ucfg(s)->address, stage_name(s->uphase), q);
     session_finish(s, reply ? reply : R_FAILED, "upstream %s failed: %s", stage_name(s->uphase),
@@ -91,6 +92,7 @@ void upstream_start(struct session *s)
 
     if (s->uphase != UP_IDLE)
         return;
+    s->dial_start = ev_now(EV_DEFAULT);
     if (up->ai == NULL) {
         upstream_rt_refresh(s->li->up);
         s->uphase = UP_CONNECTING;
@@ -261,6 +263,7 @@ static int dialogue_reply(struct session *s, struct smtp_reply *r)
 
 static void ready(struct session *s)
 {
+    metrics_dial(ev_now(EV_DEFAULT) - s->dial_start, s->up_resumed);
     enter(s, UP_READY);
     slog(s, LOG_LVL_DEBUG, "event=upstream_ready upstream=%s tls=%s", ucfg(s)->address,
          s->u.tls_version ? s->u.tls_version : "none");
@@ -302,6 +305,8 @@ int upstream_step(struct session *s)
     case UP_HANDSHAKE:
         n = conn_handshake(u, 0);
         if (n < 0) {
+            metrics_tls_failure("upstream",
+                                strstr(u->errmsg, "certificate") ? "certificate" : "handshake");
             upstream_fail(s, NULL, "TLS handshake with %s (name %s) failed: %s", ucfg(s)->address,
                           ucfg(s)->server_name, u->errmsg);
             return 0;
@@ -457,6 +462,8 @@ void upstream_timeout(struct session *s)
                       ucfg(s)->connect_timeout);
         return;
     }
+    if (s->uphase == UP_HANDSHAKE)
+        metrics_tls_failure("upstream", "timeout");
     upstream_fail(s, NULL, "timeout waiting for the upstream's %s (%gs)",
                   s->uphase == UP_READY ? "reply" : stage_name(s->uphase), ucfg(s)->reply_timeout);
 }

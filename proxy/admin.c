@@ -1,0 +1,231 @@
+/*
+ * admin.c - /metrics and /healthz over a tiny HTTP/1.0 server (see admin.h).
+ *
+ * Deliberately minimal: it should be bound to loopback or a private
+ * network; requests are at most 2 KiB, answered once, and the connection
+ * closed. The metrics body is built in memory (open_memstream) and sent with
+ * one blocking-free write per readiness event.
+ */
+#include "admin.h"
+
+#include <errno.h>
+#include <ev.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "log.h"
+#include "metrics.h"
+#include "session.h"
+
+#define REQ_MAX        2048
+#define MAX_CLIENTS    32
+#define CLIENT_TIMEOUT 5.0
+
+struct admin_client {
+    int fd;
+    ev_io io;
+    ev_timer timer;
+    char req[REQ_MAX];
+    size_t len;
+    char *resp;
+    size_t resp_len, sent;
+};
+
+static int listen_fd = -1;
+static ev_io accept_w;
+static int draining;
+static unsigned nclients;
+
+static void client_free(struct admin_client *a)
+{
+    ev_io_stop(EV_DEFAULT, &a->io);
+    ev_timer_stop(EV_DEFAULT, &a->timer);
+    close(a->fd);
+    free(a->resp);
+    free(a);
+    nclients--;
+}
+
+static void respond(struct admin_client *a, int code, const char *status, const char *ctype,
+                    const char *body, size_t blen)
+{
+    FILE *f = open_memstream(&a->resp, &a->resp_len);
+
+    if (f == NULL) {
+        client_free(a);
+        return;
+    }
+    fprintf(f,
+            "HTTP/1.0 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+            "Connection: close\r\n\r\n",
+            code, status, ctype, blen);
+    fwrite(body, 1, blen, f);
+    fclose(f);
+    ev_io_stop(EV_DEFAULT, &a->io);
+    ev_io_set(&a->io, a->fd, EV_WRITE);
+    ev_io_start(EV_DEFAULT, &a->io);
+}
+
+static void handle(struct admin_client *a)
+{
+    char method[8], path[256];
+    char *body = NULL;
+    size_t blen = 0;
+
+    if (sscanf(a->req, "%7s %255s", method, path) != 2) {
+        respond(a, 400, "Bad Request", "text/plain", "bad request\n", 12);
+        return;
+    }
+    if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
+        respond(a, 405, "Method Not Allowed", "text/plain", "GET only\n", 9);
+        return;
+    }
+    char *q = strchr(path, '?');
+    if (q)
+        *q = '\0';
+    if (strcmp(path, "/healthz") == 0) {
+        if (draining)
+            respond(a, 503, "Service Unavailable", "text/plain", "draining\n", 9);
+        else
+            respond(a, 200, "OK", "text/plain", "ok\n", 3);
+        return;
+    }
+    if (strcmp(path, "/metrics") == 0) {
+        FILE *f = open_memstream(&body, &blen);
+        if (f == NULL) {
+            client_free(a);
+            return;
+        }
+        metrics_render(f);
+        fprintf(f, "# HELP smtpbridge_draining 1 while the process is draining.\n"
+                   "# TYPE smtpbridge_draining gauge\n");
+        fprintf(f, "smtpbridge_draining %d\n", draining);
+        fclose(f);
+        respond(a, 200, "OK", "text/plain; version=0.0.4", body, blen);
+        free(body);
+        return;
+    }
+    respond(a, 404, "Not Found", "text/plain", "not found\n", 10);
+}
+
+static void client_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    struct admin_client *a = w->data;
+    ssize_t n;
+
+    (void)loop;
+    if (revents & EV_WRITE) {
+        n = send(a->fd, a->resp + a->sent, a->resp_len - a->sent, MSG_NOSIGNAL);
+        if (n > 0)
+            a->sent += (size_t)n;
+        if ((n < 0 && errno != EAGAIN && errno != EINTR) || a->sent == a->resp_len)
+            client_free(a);
+        return;
+    }
+    n = read(a->fd, a->req + a->len, REQ_MAX - 1 - a->len);
+    if (n <= 0) {
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            return;
+        client_free(a);
+        return;
+    }
+    a->len += (size_t)n;
+    a->req[a->len] = '\0';
+    if (strstr(a->req, "\r\n\r\n") || strstr(a->req, "\n\n"))
+        handle(a);
+    else if (a->len == REQ_MAX - 1)
+        respond(a, 431, "Request Header Fields Too Large", "text/plain", "too large\n", 10);
+}
+
+static void timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    client_free(w->data);
+}
+
+static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)revents;
+    for (int i = 0; i < 16; i++) {
+        int fd = accept4(w->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd == -1)
+            return;
+        struct admin_client *a = calloc(1, sizeof(*a));
+        if (a == NULL || nclients >= MAX_CLIENTS) {
+            free(a);
+            close(fd);
+            continue;
+        }
+        nclients++;
+        a->fd = fd;
+        ev_io_init(&a->io, client_cb, fd, EV_READ);
+        a->io.data = a;
+        ev_timer_init(&a->timer, timeout_cb, CLIENT_TIMEOUT, 0.);
+        a->timer.data = a;
+        ev_io_start(loop, &a->io);
+        ev_timer_start(loop, &a->timer);
+    }
+}
+
+int admin_bind(const char *spec)
+{
+    struct addrinfo hints, *res = NULL;
+    char *host = NULL, *port = NULL;
+    int one = 1, rc;
+
+    if (config_split_hostport(spec, &host, &port) == -1)
+        return -1;
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE;
+    rc = getaddrinfo(host, port, &hints, &res);
+    free(host);
+    free(port);
+    if (rc != 0) {
+        log_msg(LOG_LVL_ERROR, 0, "event=bind_failed listener=admin address=%s error=\"%s\"", spec,
+                gai_strerror(rc));
+        return -1;
+    }
+    listen_fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (listen_fd == -1 ||
+        setsockopt(listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) == -1 ||
+        bind(listen_fd, res->ai_addr, res->ai_addrlen) == -1 || listen(listen_fd, 64) == -1) {
+        log_msg(LOG_LVL_ERROR, 0, "event=bind_failed listener=admin address=%s error=\"%s\"", spec,
+                strerror(errno));
+        if (listen_fd != -1)
+            close(listen_fd);
+        listen_fd = -1;
+        freeaddrinfo(res);
+        return -1;
+    }
+    freeaddrinfo(res);
+    return 0;
+}
+
+void admin_start(void)
+{
+    if (listen_fd == -1)
+        return;
+    ev_io_init(&accept_w, accept_cb, listen_fd, EV_READ);
+    ev_io_start(EV_DEFAULT, &accept_w);
+}
+
+void admin_set_draining(void)
+{
+    draining = 1;
+}
+
+void admin_stop(void)
+{
+    if (listen_fd == -1)
+        return;
+    ev_io_stop(EV_DEFAULT, &accept_w);
+    close(listen_fd);
+    listen_fd = -1;
+}

@@ -1,0 +1,21 @@
+/*
+ * admin.h - the optional admin listener: GET /metrics (Prometheus text) and
+ * GET /healthz (200 while serving, 503 while draining). HTTP/1.0, one
+ * request per connection, bounded in size and time.
+ */
+#ifndef SMTPBRIDGE_ADMIN_H
+#define SMTPBRIDGE_ADMIN_H
+
+/* Binds the admin address ("host:port"). Returns 0, or -1 after logging. */
+int admin_bind(const char *spec);
+
+/* Starts serving on the bound socket. */
+void admin_start(void);
+
+/* From now on /healthz answers 503 (the process is draining). */
+void admin_set_draining(void);
+
+/* Stops serving and closes the socket and every admin connection. */
+void admin_stop(void);
+
+#endif

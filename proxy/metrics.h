@@ -1,0 +1,50 @@
+/*
+ * metrics.h - counters for the admin endpoint (Prometheus text format).
+ *
+ * Everything is a plain counter or gauge in this process; the admin
+ * listener (admin.c) renders them on GET /metrics.
+ */
+#ifndef SMTPBRIDGE_METRICS_H
+#define SMTPBRIDGE_METRICS_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+/* Why a session ended, coarsely (the log line has the details). */
+enum end_kind {
+    END_UNSET = 0,
+    END_COMPLETED,  /* spliced session that ended normally */
+    END_ABANDONED,  /* client left before the splice */
+    END_CLIENT_TLS, /* client TLS handshake failed */
+    END_UPSTREAM,   /* upstream unreachable or misbehaving: client got 421 */
+    END_TIMEOUT,    /* a client-side deadline */
+    END_INJECTION,  /* bytes pipelined after STARTTLS */
+    END_ERRORS,     /* max_errors reached */
+    END_REFUSED,    /* bad PROXY header, allow_from after PROXY, ... */
+    END_SHUTDOWN,   /* drain or stop */
+    END_IO,         /* read/write error or reset */
+    END_KINDS
+};
+
+struct listener_metrics {
+    char name[64];
+    uint64_t total, active;
+    uint64_t ended[END_KINDS];
+    uint64_t rejected; /* at accept: caps, allow_from, proxy_from */
+};
+
+/* The counters of the listener called name (created on first use; stable
+ * pointer for the life of the process, across reloads). */
+struct listener_metrics *metrics_listener(const char *name);
+
+void metrics_session_end(struct listener_metrics *m, enum end_kind kind, uint64_t c2u,
+                         uint64_t u2c);
+/* side: "client" or "upstream"; cause: "certificate", "handshake", "timeout". */
+void metrics_tls_failure(const char *side, const char *cause);
+void metrics_dial(double seconds, int resumed);
+void metrics_auth(int ok);
+
+/* Writes every metric in the Prometheus text exposition format. */
+void metrics_render(FILE *out);
+
+#endif
