@@ -448,6 +448,7 @@ static const struct keydef global_keys[] = {
     {"user", K_STR, G(user), 0, NULL},
     {"group", K_STR, G(group), 0, NULL},
     {"admin", K_STR, G(admin), 0, NULL},
+    {"workers", K_STR, G(workers_str), 0, NULL},
     {"run_as_root", K_BOOL, G(run_as_root), 0, NULL},
     {"log_level", K_LEVEL, G(log_level), 0, NULL},
     {"syslog", K_BOOL, G(syslog), 0, NULL},
@@ -719,6 +720,15 @@ static void validate(struct parse *p)
     struct config *cfg = p->cfg;
     char sec[160];
 
+    cfg->workers = 1;
+    if (cfg->workers_str != NULL) {
+        if (strcmp(cfg->workers_str, "auto") == 0)
+            cfg->workers = 0;
+        else if (parse_uint(cfg->workers_str, 256, &cfg->workers) == -1 || cfg->workers == 0)
+            perr(p, G_AT("workers"),
+                 "[global] key 'workers': bad value '%s', expected auto or 1..256",
+                 cfg->workers_str);
+    }
     if (cfg->admin != NULL) {
         char *h, *pt;
         if (config_split_hostport(cfg->admin, &h, &pt) == -1) {
@@ -941,6 +951,7 @@ void config_free(struct config *cfg)
     free(cfg->user);
     free(cfg->group);
     free(cfg->admin);
+    free(cfg->workers_str);
     free(cfg);
 }
 
@@ -985,6 +996,10 @@ void config_dump(const struct config *cfg, FILE *out)
         fprintf(out, "run_as_root = yes\n");
     if (cfg->admin)
         fprintf(out, "admin = %s\n", cfg->admin);
+    if (cfg->workers)
+        fprintf(out, "workers = %u\n", cfg->workers);
+    else
+        fprintf(out, "workers = auto\n");
     fprintf(out,
             "log_level = %s\nlog_format = %s\nsyslog = %s\nmax_sessions = %u\nmax_sessions_per_ip "
             "= %u\n"

@@ -77,6 +77,8 @@ struct config {
     char *hostname;
     char *user, *group;
     char *admin; /* host:port of the metrics/health endpoint, or NULL */
+    char *workers_str;
+    unsigned workers; /* processes serving; 0 = one per CPU ("auto") */
     int run_as_root;
     enum log_level log_level;
     int log_json; /* log_format = json */

@@ -477,14 +477,14 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
          * PROXY header; allow_from is checked then (client.c). */
         if (li->cfg->accept_proxy ? !in_list(li->cfg->proxy_from, li->cfg->nproxy_from, &ss)
                                   : !in_list(li->cfg->allow_from, li->cfg->nallow_from, &ss)) {
-            metrics_listener(li->cfg->name)->rejected++;
+            metrics_rejected(metrics_listener(li->cfg->name));
             log_msg(LOG_LVL_INFO, 0, "event=reject listener=%s cap=%s", li->cfg->name,
                     li->cfg->accept_proxy ? "proxy_from" : "allow_from");
             close(fd);
             continue;
         }
         if (over_cap(cfg, &ss, &why)) {
-            metrics_listener(li->cfg->name)->rejected++;
+            metrics_rejected(metrics_listener(li->cfg->name));
             log_msg(LOG_LVL_WARNING, 0, "event=reject listener=%s cap=%s", li->cfg->name, why);
             /* Plaintext listeners get a reply; on an implicit-TLS port any
              * plaintext would be garbage to the client, so just close. */

@@ -9,11 +9,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "admin.h"
 #include "config.h"
 #include "listener.h"
+#include "metrics.h"
 #include "log.h"
 #include "runtime.h"
 #include "session.h"
@@ -26,6 +28,7 @@
 
 static struct runtime *rt;
 static int debug_logging;
+static ev_signal sig_term, sig_int, sig_hup;
 
 static void usage(FILE *out)
 {
@@ -247,6 +250,230 @@ static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
     log_msg(LOG_LVL_INFO, 0, "event=reload_done sessions=%u", session_count());
 }
 
+/* ---- workers: a supervising master and N serving processes ---- */
+
+#define MAX_WORKERS 256
+
+struct worker {
+    pid_t pid;
+    ev_child watcher;
+    struct runtime *rt;
+    int retiring; /* told to drain after a reload */
+    ev_tstamp started;
+};
+
+/* Twice the maximum: after a reload old workers drain while new ones serve. */
+static struct worker workers[2 * MAX_WORKERS];
+static int master_stopping;
+static ev_timer respawn_timer;
+
+static unsigned wanted_workers(const struct config *cfg)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+    if (cfg->workers)
+        return cfg->workers;
+    return n < 1 ? 1 : (n > MAX_WORKERS ? MAX_WORKERS : (unsigned)n);
+}
+
+static unsigned live_workers(int retiring)
+{
+    unsigned n = 0;
+
+    for (size_t i = 0; i < sizeof(workers) / sizeof(workers[0]); i++)
+        if (workers[i].pid > 0 && workers[i].retiring == retiring)
+            n++;
+    return n;
+}
+
+/* In the child: forget the master's duties, drop privileges, serve. */
+static void worker_main(struct runtime *r)
+{
+    struct ev_loop *loop = EV_DEFAULT;
+
+    ev_loop_fork(loop);
+    for (size_t i = 0; i < sizeof(workers) / sizeof(workers[0]); i++)
+        if (workers[i].pid > 0)
+            ev_child_stop(loop, &workers[i].watcher);
+    ev_timer_stop(loop, &respawn_timer);
+    ev_signal_stop(loop, &sig_term);
+    ev_signal_stop(loop, &sig_int);
+    ev_signal_stop(loop, &sig_hup);
+    signal(SIGHUP, SIG_IGN); /* the master reloads; workers are replaced */
+    admin_stop();            /* the master serves /metrics (shared counters) */
+    rt = r;
+    if (drop_privileges(rt->cfg) == -1)
+        _exit(1);
+    ev_signal_init(&sig_term, stop_cb, SIGTERM);
+    ev_signal_init(&sig_int, stop_cb, SIGINT);
+    ev_signal_start(loop, &sig_term);
+    ev_signal_start(loop, &sig_int);
+    listener_start(rt);
+    log_msg(LOG_LVL_INFO, 0, "event=worker_ready pid=%d", (int)getpid());
+    ev_run(loop, 0);
+    session_close_all("proxy shutting down");
+    conn_pool_trim();
+    log_msg(LOG_LVL_INFO, 0, "event=worker_exit pid=%d", (int)getpid());
+    _exit(0);
+}
+
+static void child_cb(struct ev_loop *loop, ev_child *w, int revents);
+
+static int spawn_worker(void)
+{
+    struct worker *k = NULL;
+    pid_t pid;
+
+    for (size_t i = 0; i < sizeof(workers) / sizeof(workers[0]) && k == NULL; i++)
+        if (workers[i].pid == 0)
+            k = &workers[i];
+    if (k == NULL)
+        return -1;
+    pid = fork();
+    if (pid == -1) {
+        log_msg(LOG_LVL_ERROR, 0, "event=worker_fork_failed error=\"%s\"", strerror(errno));
+        return -1;
+    }
+    if (pid == 0)
+        worker_main(rt);
+    k->pid = pid;
+    k->rt = rt;
+    k->retiring = 0;
+    k->started = ev_now(EV_DEFAULT);
+    rt->refs++;
+    ev_child_init(&k->watcher, child_cb, pid, 0);
+    k->watcher.data = k;
+    ev_child_start(EV_DEFAULT, &k->watcher);
+    log_msg(LOG_LVL_INFO, 0, "event=worker_started pid=%d", (int)pid);
+    return 0;
+}
+
+static void respawn_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)w;
+    (void)revents;
+    while (!master_stopping && live_workers(0) < wanted_workers(rt->cfg))
+        if (spawn_worker() == -1)
+            break;
+}
+
+static void child_cb(struct ev_loop *loop, ev_child *w, int revents)
+{
+    struct worker *k = w->data;
+    int st = w->rstatus;
+    int quick = ev_now(loop) - k->started < 1.0;
+
+    (void)revents;
+    ev_child_stop(loop, w);
+    if (WIFSIGNALED(st))
+        log_msg(master_stopping || k->retiring ? LOG_LVL_INFO : LOG_LVL_ERROR, 0,
+                "event=worker_died pid=%d signal=%d%s", (int)k->pid, WTERMSIG(st),
+                WCOREDUMP(st) ? " core=yes" : "");
+    else
+        log_msg(master_stopping || k->retiring || WEXITSTATUS(st) == 0 ? LOG_LVL_INFO
+                                                                       : LOG_LVL_ERROR,
+                0, "event=worker_exited pid=%d status=%d", (int)k->pid, WEXITSTATUS(st));
+    runtime_unref(k->rt);
+    k->pid = 0;
+    k->rt = NULL;
+    if (master_stopping) {
+        if (live_workers(0) + live_workers(1) == 0)
+            ev_break(loop, EVBREAK_ALL);
+        return;
+    }
+    if (k->retiring)
+        return;
+    /* Replace it; a worker that dies at once is retried after a second
+     * rather than in a fork loop. */
+    if (!ev_is_active(&respawn_timer)) {
+        ev_timer_set(&respawn_timer, quick ? 1.0 : 0.0, 0.);
+        ev_timer_start(loop, &respawn_timer);
+    }
+}
+
+static void master_signal(int sig)
+{
+    for (size_t i = 0; i < sizeof(workers) / sizeof(workers[0]); i++)
+        if (workers[i].pid > 0)
+            kill(workers[i].pid, sig);
+}
+
+static void master_stop_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    (void)revents;
+    log_msg(LOG_LVL_INFO, 0, "event=%s signal=%s workers=%u",
+            master_stopping ? "shutdown_now" : "drain", w->signum == SIGINT ? "INT" : "TERM",
+            live_workers(0) + live_workers(1));
+    master_stopping = 1;
+    admin_set_draining();
+    listener_close(rt);
+    ev_timer_stop(loop, &respawn_timer);
+    master_signal(w->signum);
+    if (live_workers(0) + live_workers(1) == 0)
+        ev_break(loop, EVBREAK_ALL);
+}
+
+/* Reload with workers: validate and build the new runtime here (the master
+ * keeps its privileges, so root-only keys and new privileged ports work),
+ * start new workers on it, and let the old ones drain. */
+static void master_hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    struct config *cfg;
+    struct runtime *next;
+
+    (void)loop;
+    (void)w;
+    (void)revents;
+    if (master_stopping)
+        return;
+    log_msg(LOG_LVL_INFO, 0, "event=reload_start path=%s", config_path);
+    cfg = config_load(config_path);
+    next = cfg ? runtime_build(cfg, 1, rt) : NULL;
+    if (next == NULL) {
+        log_msg(LOG_LVL_ERROR, 0,
+                "event=reload_failed msg=\"the new configuration has errors (see above); "
+                "keeping the running one\"");
+        return;
+    }
+    for (size_t i = 0; i < next->nlis; i++)
+        metrics_listener(next->lis[i].cfg->name);
+    log_init(debug_logging ? LOG_LVL_DEBUG : next->cfg->log_level, next->cfg->syslog);
+    log_set_json(next->cfg->log_json);
+    for (size_t i = 0; i < sizeof(workers) / sizeof(workers[0]); i++)
+        if (workers[i].pid > 0 && !workers[i].retiring) {
+            workers[i].retiring = 1;
+            kill(workers[i].pid, SIGTERM);
+        }
+    runtime_unref(rt);
+    rt = next;
+    startup_warnings(rt->cfg);
+    respawn_cb(loop, NULL, 0);
+    log_msg(LOG_LVL_INFO, 0, "event=reload_done workers=%u", live_workers(0));
+}
+
+/* Runs the master until its workers are gone. */
+static void run_master(struct ev_loop *loop)
+{
+    if (metrics_share() == -1)
+        log_msg(LOG_LVL_WARNING, 0,
+                "event=metrics_unshared msg=\"/metrics shows the master only\"");
+    for (size_t i = 0; i < rt->nlis; i++)
+        metrics_listener(rt->lis[i].cfg->name);
+    ev_signal_init(&sig_term, master_stop_cb, SIGTERM);
+    ev_signal_init(&sig_int, master_stop_cb, SIGINT);
+    ev_signal_init(&sig_hup, master_hup_cb, SIGHUP);
+    ev_signal_start(loop, &sig_term);
+    ev_signal_start(loop, &sig_int);
+    ev_signal_start(loop, &sig_hup);
+    ev_init(&respawn_timer, respawn_cb);
+    admin_start();
+    respawn_cb(loop, NULL, 0);
+    log_msg(LOG_LVL_INFO, 0, "event=ready version=%s pid=%d workers=%u listeners=%zu",
+            SMTPBRIDGE_VERSION, (int)getpid(), live_workers(0), rt->nlis);
+    ev_run(loop, 0);
+}
+
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -258,7 +485,6 @@ int main(int argc, char **argv)
     int test = 0, debug = 0, ch;
     struct config *cfg;
     struct ev_loop *loop;
-    ev_signal sig_term, sig_int, sig_hup;
 
     while ((ch = getopt_long(argc, argv, "c:tdVh", opts, NULL)) != -1) {
         switch (ch) {
@@ -333,6 +559,21 @@ int main(int argc, char **argv)
         runtime_unref(rt);
         tls_cleanup();
         return 1;
+    }
+    if (wanted_workers(rt->cfg) > 1) {
+        /* Fail now rather than in every worker. */
+        if (geteuid() == 0 && rt->cfg->user == NULL && !rt->cfg->run_as_root) {
+            drop_privileges(rt->cfg); /* prints why */
+            runtime_unref(rt);
+            tls_cleanup();
+            return 1;
+        }
+        run_master(loop);
+        admin_stop();
+        runtime_unref(rt);
+        tls_cleanup();
+        log_msg(LOG_LVL_INFO, 0, "event=exit");
+        return 0;
     }
     if (drop_privileges(rt->cfg) == -1) {
         runtime_unref(rt);

@@ -4,12 +4,27 @@
 #include "metrics.h"
 
 #include <string.h>
+#include <sys/mman.h>
 
 #define MAX_LISTENERS 256
 
-static struct listener_metrics listeners[MAX_LISTENERS];
-static size_t nlisteners;
-static struct listener_metrics overflow = {.name = "other"};
+/* Relaxed atomics: with several workers the counters live in one shared
+ * mapping (metrics_share) and only need to add up, not order anything. */
+#define ADD(x, n) __atomic_add_fetch(&(x), (n), __ATOMIC_RELAXED)
+#define GET(x)    __atomic_load_n(&(x), __ATOMIC_RELAXED)
+
+struct shared {
+    struct listener_metrics listeners[MAX_LISTENERS];
+    size_t nlisteners;
+    struct listener_metrics overflow;
+    uint64_t tls_failures[2][3];
+    uint64_t dial_count[16], dial_n, resumed_n;
+    double dial_sum;
+    uint64_t bytes_c2u, bytes_u2c, auth_ok, auth_failed;
+};
+
+static struct shared local = {.overflow = {.name = "other"}};
+static struct shared *m = &local;
 
 static const char *const end_names[END_KINDS] = {
     [END_UNSET] = "unknown",
@@ -28,34 +43,54 @@ static const char *const end_names[END_KINDS] = {
 /* TLS failures by side and cause. */
 static const char *const sides[] = {"client", "upstream"};
 static const char *const causes[] = {"certificate", "handshake", "timeout"};
-static uint64_t tls_failures[2][3];
 
 /* Upstream dial latency (connect to READY), seconds. */
 static const double buckets[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
 #define NBUCKETS (sizeof(buckets) / sizeof(buckets[0]))
-static uint64_t dial_count[NBUCKETS + 1], dial_n, resumed_n;
-static double dial_sum;
 
-static uint64_t bytes_c2u, bytes_u2c, auth_ok, auth_failed;
+int metrics_share(void)
+{
+    struct shared *p =
+        mmap(NULL, sizeof(*p), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+
+    if (p == MAP_FAILED)
+        return -1;
+    *p = *m;
+    m = p;
+    return 0;
+}
 
 struct listener_metrics *metrics_listener(const char *name)
 {
-    for (size_t i = 0; i < nlisteners; i++)
-        if (strcmp(listeners[i].name, name) == 0)
-            return &listeners[i];
-    if (nlisteners == MAX_LISTENERS)
-        return &overflow;
-    snprintf(listeners[nlisteners].name, sizeof(listeners[0].name), "%s", name);
-    return &listeners[nlisteners++];
+    size_t n = GET(m->nlisteners);
+
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(m->listeners[i].name, name) == 0)
+            return &m->listeners[i];
+    if (n == MAX_LISTENERS)
+        return &m->overflow;
+    snprintf(m->listeners[n].name, sizeof(m->listeners[0].name), "%s", name);
+    ADD(m->nlisteners, 1);
+    return &m->listeners[n];
 }
 
-void metrics_session_end(struct listener_metrics *m, enum end_kind kind, uint64_t c2u, uint64_t u2c)
+void metrics_session_start(struct listener_metrics *l)
 {
-    if (m->active > 0)
-        m->active--;
-    m->ended[kind < END_KINDS ? kind : END_UNSET]++;
-    bytes_c2u += c2u;
-    bytes_u2c += u2c;
+    ADD(l->total, 1);
+    ADD(l->active, 1);
+}
+
+void metrics_rejected(struct listener_metrics *l)
+{
+    ADD(l->rejected, 1);
+}
+
+void metrics_session_end(struct listener_metrics *l, enum end_kind kind, uint64_t c2u, uint64_t u2c)
+{
+    __atomic_sub_fetch(&l->active, 1, __ATOMIC_RELAXED);
+    ADD(l->ended[kind < END_KINDS ? kind : END_UNSET], 1);
+    ADD(m->bytes_c2u, c2u);
+    ADD(m->bytes_u2c, u2c);
 }
 
 static int index_of(const char *const *v, size_t n, const char *s)
@@ -71,7 +106,7 @@ void metrics_tls_failure(const char *side, const char *cause)
     int a = index_of(sides, 2, side), b = index_of(causes, 3, cause);
 
     if (a >= 0 && b >= 0)
-        tls_failures[a][b]++;
+        ADD(m->tls_failures[a][b], 1);
 }
 
 void metrics_dial(double seconds, int resumed)
@@ -80,19 +115,21 @@ void metrics_dial(double seconds, int resumed)
 
     for (i = 0; i < NBUCKETS && seconds > buckets[i]; i++)
         ;
-    dial_count[i]++;
-    dial_n++;
-    dial_sum += seconds;
+    ADD(m->dial_count[i], 1);
+    ADD(m->dial_n, 1);
+    /* A double cannot be added atomically in C17; a lost update of the sum
+     * only skews the mean slightly, the counts stay exact. */
+    m->dial_sum += seconds;
     if (resumed)
-        resumed_n++;
+        ADD(m->resumed_n, 1);
 }
 
 void metrics_auth(int ok)
 {
     if (ok)
-        auth_ok++;
+        ADD(m->auth_ok, 1);
     else
-        auth_failed++;
+        ADD(m->auth_failed, 1);
 }
 
 /* Label values here are listener names from the config (no quotes or
@@ -112,41 +149,43 @@ static void label(FILE *out, const char *v)
 void metrics_render(FILE *out)
 {
     uint64_t cum = 0;
+    size_t nl = GET(m->nlisteners);
+    struct listener_metrics *listeners = m->listeners;
 
     fputs("# HELP smtpbridge_sessions_active Sessions open now.\n"
           "# TYPE smtpbridge_sessions_active gauge\n",
           out);
-    for (size_t i = 0; i < nlisteners; i++) {
+    for (size_t i = 0; i < nl; i++) {
         fputs("smtpbridge_sessions_active{listener=\"", out);
         label(out, listeners[i].name);
-        fprintf(out, "\"} %llu\n", (unsigned long long)listeners[i].active);
+        fprintf(out, "\"} %llu\n", (unsigned long long)GET(listeners[i].active));
     }
     fputs("# HELP smtpbridge_sessions_total Sessions accepted.\n"
           "# TYPE smtpbridge_sessions_total counter\n",
           out);
-    for (size_t i = 0; i < nlisteners; i++) {
+    for (size_t i = 0; i < nl; i++) {
         fputs("smtpbridge_sessions_total{listener=\"", out);
         label(out, listeners[i].name);
-        fprintf(out, "\"} %llu\n", (unsigned long long)listeners[i].total);
+        fprintf(out, "\"} %llu\n", (unsigned long long)GET(listeners[i].total));
     }
     fputs("# HELP smtpbridge_sessions_ended_total Sessions ended, by reason.\n"
           "# TYPE smtpbridge_sessions_ended_total counter\n",
           out);
-    for (size_t i = 0; i < nlisteners; i++)
+    for (size_t i = 0; i < nl; i++)
         for (int k = 1; k < END_KINDS; k++) {
             fputs("smtpbridge_sessions_ended_total{listener=\"", out);
             label(out, listeners[i].name);
             fprintf(out, "\",reason=\"%s\"} %llu\n", end_names[k],
-                    (unsigned long long)listeners[i].ended[k]);
+                    (unsigned long long)GET(listeners[i].ended[k]));
         }
     fputs("# HELP smtpbridge_connections_rejected_total Connections closed at accept "
           "(caps, allow_from, proxy_from).\n"
           "# TYPE smtpbridge_connections_rejected_total counter\n",
           out);
-    for (size_t i = 0; i < nlisteners; i++) {
+    for (size_t i = 0; i < nl; i++) {
         fputs("smtpbridge_connections_rejected_total{listener=\"", out);
         label(out, listeners[i].name);
-        fprintf(out, "\"} %llu\n", (unsigned long long)listeners[i].rejected);
+        fprintf(out, "\"} %llu\n", (unsigned long long)GET(listeners[i].rejected));
     }
     fputs("# HELP smtpbridge_tls_handshake_failures_total TLS handshakes that failed.\n"
           "# TYPE smtpbridge_tls_handshake_failures_total counter\n",
@@ -154,38 +193,38 @@ void metrics_render(FILE *out)
     for (int a = 0; a < 2; a++)
         for (int b = 0; b < 3; b++)
             fprintf(out, "smtpbridge_tls_handshake_failures_total{side=\"%s\",cause=\"%s\"} %llu\n",
-                    sides[a], causes[b], (unsigned long long)tls_failures[a][b]);
+                    sides[a], causes[b], (unsigned long long)GET(m->tls_failures[a][b]));
     fputs("# HELP smtpbridge_upstream_dial_seconds Time from dialling the upstream to a "
           "verified, ready session.\n"
           "# TYPE smtpbridge_upstream_dial_seconds histogram\n",
           out);
     for (size_t i = 0; i < NBUCKETS; i++) {
-        cum += dial_count[i];
+        cum += GET(m->dial_count[i]);
         fprintf(out, "smtpbridge_upstream_dial_seconds_bucket{le=\"%g\"} %llu\n", buckets[i],
                 (unsigned long long)cum);
     }
-    cum += dial_count[NBUCKETS];
+    cum += GET(m->dial_count[NBUCKETS]);
     fprintf(out,
             "smtpbridge_upstream_dial_seconds_bucket{le=\"+Inf\"} %llu\n"
             "smtpbridge_upstream_dial_seconds_sum %.6f\n"
             "smtpbridge_upstream_dial_seconds_count %llu\n",
-            (unsigned long long)cum, dial_sum, (unsigned long long)dial_n);
+            (unsigned long long)cum, m->dial_sum, (unsigned long long)GET(m->dial_n));
     fprintf(out,
             "# HELP smtpbridge_upstream_tls_resumed_total Upstream TLS handshakes that "
             "resumed a session.\n"
             "# TYPE smtpbridge_upstream_tls_resumed_total counter\n"
             "smtpbridge_upstream_tls_resumed_total %llu\n",
-            (unsigned long long)resumed_n);
+            (unsigned long long)GET(m->resumed_n));
     fprintf(out,
             "# HELP smtpbridge_bytes_total Bytes relayed, by direction.\n"
             "# TYPE smtpbridge_bytes_total counter\n"
             "smtpbridge_bytes_total{direction=\"client_to_upstream\"} %llu\n"
             "smtpbridge_bytes_total{direction=\"upstream_to_client\"} %llu\n",
-            (unsigned long long)bytes_c2u, (unsigned long long)bytes_u2c);
+            (unsigned long long)GET(m->bytes_c2u), (unsigned long long)GET(m->bytes_u2c));
     fprintf(out,
             "# HELP smtpbridge_auth_total AUTH outcomes as the upstream decided them.\n"
             "# TYPE smtpbridge_auth_total counter\n"
             "smtpbridge_auth_total{result=\"success\"} %llu\n"
             "smtpbridge_auth_total{result=\"failure\"} %llu\n",
-            (unsigned long long)auth_ok, (unsigned long long)auth_failed);
+            (unsigned long long)GET(m->auth_ok), (unsigned long long)GET(m->auth_failed));
 }

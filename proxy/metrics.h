@@ -37,7 +37,13 @@ struct listener_metrics {
  * pointer for the life of the process, across reloads). */
 struct listener_metrics *metrics_listener(const char *name);
 
-void metrics_session_end(struct listener_metrics *m, enum end_kind kind, uint64_t c2u,
+/* Moves the counters into memory shared with processes forked later (call
+ * before starting workers). Returns 0 or -1. */
+int metrics_share(void);
+
+void metrics_session_start(struct listener_metrics *l);
+void metrics_rejected(struct listener_metrics *l);
+void metrics_session_end(struct listener_metrics *l, enum end_kind kind, uint64_t c2u,
                          uint64_t u2c);
 /* side: "client" or "upstream"; cause: "certificate", "handshake", "timeout". */
 void metrics_tls_failure(const char *side, const char *cause);

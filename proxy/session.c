@@ -224,8 +224,7 @@ int session_new(struct listener *li, int fd, const struct sockaddr_storage *peer
     conn_watchers_init(&s->u);
     s->started = s->last_activity = ev_now(EV_DEFAULT);
     s->m = metrics_listener(li->cfg->name);
-    s->m->total++;
-    s->m->active++;
+    metrics_session_start(s->m);
     s->next = all_sessions;
     if (all_sessions)
         all_sessions->prev = s;
