@@ -78,7 +78,7 @@ $(BUILD)/obj:
 run:
 	@scripts/deps.sh run
 	@$(MAKE) --no-print-directory all
-	@scripts/run-demo.sh
+	@SMTPBRIDGE_BIN=$(CURDIR)/$(BIN) scripts/run-demo.sh
 
 install: all
 	id smtpbridge >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin smtpbridge
@@ -86,7 +86,9 @@ install: all
 	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/sbin/smtpbridge
 	[ -e $(DESTDIR)/etc/smtpbridge/smtpbridge.conf ] || \
 	  install -m 0644 config/smtpbridge.conf $(DESTDIR)/etc/smtpbridge/smtpbridge.conf
-	install -m 0644 README.md docs/*.md $(DESTDIR)$(PREFIX)/share/doc/smtpbridge/
+	install -m 0644 README.md docs/*.md config/fail2ban-filter.conf $(DESTDIR)$(PREFIX)/share/doc/smtpbridge/
+	install -d $(DESTDIR)/etc/systemd/system
+	sed 's|/usr/local/sbin|$(PREFIX)/sbin|g' config/smtpbridge.service > $(DESTDIR)/etc/systemd/system/smtpbridge.service
 
 # ---- tests ----
 
@@ -139,7 +141,9 @@ test:
 	@$(MAKE) --no-print-directory format-check
 	@$(MAKE) --no-print-directory test-unit
 	@$(MAKE) --no-print-directory test-integration
+	@$(MAKE) --no-print-directory test-e2e
 	@$(MAKE) --no-print-directory test-asan
+	@$(MAKE) --no-print-directory test-valgrind
 	@$(MAKE) --no-print-directory test-fuzz
 
 clean:
@@ -147,3 +151,30 @@ clean:
 
 bench: all
 	@tests/bench/run.sh
+
+# ---- deployment tier (docker/, tests/e2e/, tests/docker/; docs/deploy.md) ----
+
+.PHONY: test-e2e test-docker
+
+# A private Postfix (STARTTLS + Dovecot SASL) on loopback in front of which the
+# daemon is tested with real clients; installs postfix/dovecot-core if missing.
+test-e2e: all
+	SMTPBRIDGE_BIN=$(CURDIR)/$(BIN) $(PYTHON) -m pytest -q tests/e2e
+
+# Builds docker/Dockerfile (and docker/postfix) with podman and tests the
+# images from their own file systems. Not part of `make test` (slow first run).
+test-docker:
+	tests/docker/test_image.sh
+
+# ---- valgrind ----
+# memcheck over a representative part of the integration suite (the daemon
+# runs under SMTPBRIDGE_WRAPPER; a test fails on valgrind's error exit 99 or
+# on any "definitely lost" / "Invalid read|write" report in its stderr).
+# Zero errors and zero definite leaks are required.
+.PHONY: test-valgrind
+VALGRIND ?= valgrind --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite --track-fds=no -q
+VALGRIND_TESTS ?= smtplib or swaks or injection or auth_gate or bad_greeting or ehlo_without_starttls or bytes_after_starttls or bad_certificate
+test-valgrind: all
+	SMTPBRIDGE_BIN=$(CURDIR)/$(BIN) SMTPBRIDGE_WRAPPER="$(VALGRIND)" \
+	  SMTPBRIDGE_TIME_FACTOR=20 SMTPBRIDGE_MAX_RSS_MB=0 \
+	  $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration -k "$(VALGRIND_TESTS)"

@@ -172,7 +172,14 @@ static int proxy_header(struct session *s)
     s->pp = NULL;
     snprintf(s->via, sizeof(s->via), "%s", s->peer_str);
     if (!res.local) {
-        session_set_peer(s, &res.src);
+        if (session_set_peer(s, &res.src) == -1) {
+            slog(s, LOG_LVL_WARNING,
+                 "event=reject listener=%s cap=max_sessions_per_ip client=%s via=%s",
+                 s->li->cfg->name, s->peer_str, s->via);
+            session_end_kind(s, END_REFUSED);
+            session_close(s, "max_sessions_per_ip reached for %s", s->peer_ip);
+            return 0;
+        }
         s->local = res.dst;
     }
     slog(s, LOG_LVL_DEBUG, "event=proxy_header version=%d client=%s via=%s", res.version,
@@ -194,7 +201,8 @@ int client_wants_read(const struct session *s)
 
     if (s->closing != CLOSE_NO || c->eof || c->failed || conn_in_room(c) == 0)
         return 0;
-    return s->cphase == CP_PRETLS || s->cphase == CP_FOLLOW || s->cphase == CP_SPLICE;
+    return s->cphase == CP_PROXY || s->cphase == CP_PRETLS || s->cphase == CP_FOLLOW ||
+           s->cphase == CP_SPLICE;
 }
 
 static void count_error(struct session *s)

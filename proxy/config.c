@@ -495,6 +495,12 @@ static const struct keydef listener_keys[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
+/* key_line[] and the `seen` bit mask are indexed by position in these tables. */
+#define NKEYS(t) (sizeof(t) / sizeof((t)[0]) - 1)
+_Static_assert(NKEYS(global_keys) <= CONFIG_MAX_KEYS, "raise CONFIG_MAX_KEYS");
+_Static_assert(NKEYS(upstream_keys) <= CONFIG_MAX_KEYS, "raise CONFIG_MAX_KEYS");
+_Static_assert(NKEYS(listener_keys) <= CONFIG_MAX_KEYS, "raise CONFIG_MAX_KEYS");
+
 static int set_key(struct parse *p, const struct keydef *k, char *base, const char *v)
 {
     void *field = base + k->off;
@@ -875,6 +881,11 @@ static struct config *parse_text(const char *text, const char *name)
         return NULL;
     }
     return cfg;
+}
+
+int config_listener_line(const struct listener_cfg *li, const char *key)
+{
+    return key_at(li->key_line, listener_keys, key, li->line);
 }
 
 struct config *config_parse_string(const char *text, const char *name)

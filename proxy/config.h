@@ -25,7 +25,7 @@ enum listener_mode { LISTENER_IMPLICIT = 0, LISTENER_STARTTLS };
 #define TLS_V13 13
 
 /* Most keys a section can have (bounds the key_line arrays). */
-#define CONFIG_MAX_KEYS 16
+#define CONFIG_MAX_KEYS 32
 
 struct cidr {
     int family; /* AF_INET or AF_INET6 */
@@ -104,6 +104,9 @@ struct config *config_load(const char *path);
 
 /* config_parse_string(text, name): as config_load, from memory (tests, fuzzing). */
 struct config *config_parse_string(const char *text, const char *name);
+
+/* The line where a listener's key was set (its section header if unset). */
+int config_listener_line(const struct listener_cfg *li, const char *key);
 
 /* Frees everything config_load() allocated. NULL is a no-op. */
 void config_free(struct config *cfg);

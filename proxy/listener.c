@@ -275,8 +275,12 @@ struct runtime *runtime_build(struct config *cfg, int bind_sockets, struct runti
                 li->up = &rt->ups[j];
         li->ctx = tls_server_ctx(li->cfg, err, sizeof(err));
         if (li->ctx == NULL) {
-            fprintf(stderr, "%s:%d: [listener %s] %s\n", cfg->path, li->cfg->line, li->cfg->name,
-                    err);
+            /* The message names the key: cite its line. */
+            const char *k = strstr(err, "key 'key'") ? "key"
+                            : strstr(err, "min_tls") ? "min_tls"
+                                                     : "cert";
+            fprintf(stderr, "%s:%d: [listener %s] %s\n", cfg->path,
+                    config_listener_line(li->cfg, k), li->cfg->name, err);
             failed = 1;
         }
         li->fds = calloc(li->cfg->nlisten, sizeof(int));
@@ -428,13 +432,18 @@ static void pause_accepting(struct runtime *rt, int err)
     ev_timer_start(EV_DEFAULT, &resume_timer);
 }
 
-static int over_cap(const struct config *cfg, const struct sockaddr_storage *peer, const char **why)
+static int over_cap(const struct config *cfg, const struct listener_cfg *li,
+                    const struct sockaddr_storage *peer, const char **why)
 {
     if (cfg->max_sessions && session_count() >= cfg->max_sessions) {
         *why = "max_sessions";
         return 1;
     }
-    if (cfg->max_sessions_per_ip && session_count_ip(peer) >= cfg->max_sessions_per_ip) {
+    /* Behind a load balancer every connection comes from the balancer: the
+     * per-address cap is applied to the real client, after its PROXY header
+     * (session_count_client). */
+    if (cfg->max_sessions_per_ip && !li->accept_proxy &&
+        session_count_ip(peer) >= cfg->max_sessions_per_ip) {
         *why = "max_sessions_per_ip";
         return 1;
     }
@@ -483,7 +492,7 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
             close(fd);
             continue;
         }
-        if (over_cap(cfg, &ss, &why)) {
+        if (over_cap(cfg, li->cfg, &ss, &why)) {
             metrics_rejected(metrics_listener(li->cfg->name));
             log_msg(LOG_LVL_WARNING, 0, "event=reject listener=%s cap=%s", li->cfg->name, why);
             /* Plaintext listeners get a reply; on an implicit-TLS port any

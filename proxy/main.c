@@ -242,7 +242,10 @@ static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
     }
     log_init(debug_logging ? LOG_LVL_DEBUG : next->cfg->log_level, next->cfg->syslog);
     log_set_json(next->cfg->log_json);
-    listener_stop(rt);
+    /* Sockets the new configuration took over are -1 in the old runtime;
+     * the rest (addresses no longer configured) are closed now, not when
+     * the last old session ends. */
+    listener_close(rt);
     runtime_unref(rt); /* freed once its last session ends */
     rt = next;
     listener_start(rt);
@@ -445,6 +448,7 @@ static void master_hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
             workers[i].retiring = 1;
             kill(workers[i].pid, SIGTERM);
         }
+    listener_close(rt);
     runtime_unref(rt);
     rt = next;
     startup_warnings(rt->cfg);
@@ -541,12 +545,23 @@ int main(int argc, char **argv)
         return 1;
     }
     if (test) {
-        if (rt->cfg->user != NULL && getpwnam(rt->cfg->user) == NULL) {
-            fprintf(stderr, "%s: [global] key 'user': no such user '%s'\n", path, rt->cfg->user);
+        const char *bad = NULL;
+        if (rt->cfg->user != NULL && getpwnam(rt->cfg->user) == NULL)
+            bad = "user";
+        else if (rt->cfg->group != NULL && getgrnam(rt->cfg->group) == NULL)
+            bad = "group";
+        if (bad != NULL) {
+            fprintf(stderr, "%s: [global] key '%s': no such %s '%s'\n", path, bad, bad,
+                    bad[0] == 'u' ? rt->cfg->user : rt->cfg->group);
             runtime_unref(rt);
             tls_cleanup();
             return 1;
         }
+        if (geteuid() == 0 && rt->cfg->user == NULL && !rt->cfg->run_as_root)
+            fprintf(stderr,
+                    "%s: warning: started as root this configuration would refuse to run: "
+                    "set 'user' (or run_as_root = yes)\n",
+                    path);
         config_dump(rt->cfg, stdout);
         fprintf(stderr, "smtpbridge: %s: configuration OK\n", path);
         runtime_unref(rt);

@@ -168,10 +168,19 @@ void session_upstream_fd(struct session *s, int fd)
 
 static void format_peer(struct session *s);
 
-void session_set_peer(struct session *s, const struct sockaddr_storage *peer)
+int session_set_peer(struct session *s, const struct sockaddr_storage *peer)
 {
+    unsigned cap = s->cfg->max_sessions_per_ip;
+
     s->peer = *peer;
     format_peer(s);
+    if (cap && session_count_ip(peer) >= cap)
+        return -1;
+    if (ip_inc(peer) == -1)
+        return -1;
+    ip_dec(&s->tcp_peer);
+    s->tcp_peer = *peer; /* the address counted for this session */
+    return 0;
 }
 
 static void format_peer(struct session *s)

@@ -91,6 +91,10 @@ enum await { AWAIT_NONE, AWAIT_EHLO, AWAIT_REPLY, AWAIT_AUTH };
 
 enum close_kind { CLOSE_NO = 0, CLOSE_FLUSH, CLOSE_NOW };
 
+/* The splice's command watcher (splice.c), used when xclient = yes. */
+enum watch_state { WST_CMD, WST_BODY, WST_BDAT };
+enum watch_hold { WHOLD_NONE, WHOLD_DATA, WHOLD_XCLIENT };
+
 struct session {
     uint64_t id;
     struct session *prev, *next;
@@ -127,6 +131,15 @@ struct session {
     char peer_str[64];
     char peer_ip[48];
     uint64_t bytes_c2u, bytes_u2c;
+    /* command watcher */
+    unsigned watch : 1, w_inline : 1, w_bol : 1;
+    enum watch_state w_state;
+    enum watch_hold w_hold;
+    uint64_t w_bdat;        /* BDAT bytes still to pass */
+    unsigned w_outstanding; /* commands sent whose reply has not come */
+    unsigned w_rpos;        /* position in the current reply line */
+    char w_rhead[4];
+    int w_last_code;
 };
 
 /* ---- session.c ---- */
@@ -147,8 +160,10 @@ void session_close_all(const char *reason);
 /* Sends `reply` to every session's client and closes each once flushed. */
 void session_finish_all(const char *reply, const char *reason);
 
-/* Formats s->peer into peer_str / peer_ip (after a PROXY header changed it). */
-void session_set_peer(struct session *s, const struct sockaddr_storage *peer);
+/* Sets the real client (from a PROXY header): its address is then the one
+ * the per-address count and cap apply to. Returns 0, or -1 if that client
+ * is over max_sessions_per_ip. */
+int session_set_peer(struct session *s, const struct sockaddr_storage *peer);
 
 /* Gives the session its upstream socket (watchers follow it). */
 void session_upstream_fd(struct session *s, int fd);

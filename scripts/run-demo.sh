@@ -44,7 +44,8 @@ sed -e "s|^address = .*|address = $address|" \
     -e "s|^listen = 0.0.0.0:465, \[::\]:465|listen = 127.0.0.1:$SMTPS_PORT|" \
     -e "s|^listen = 0.0.0.0:2525, \[::\]:2525|listen = 127.0.0.1:$STARTTLS_PORT|" \
     "$top/config/smtpbridge.conf" >"$run/smtpbridge.conf"
-"$top/build/smtpbridge" -t -c "$run/smtpbridge.conf" >/dev/null
+bin="${SMTPBRIDGE_BIN:-$top/build/smtpbridge}"
+"$bin" -t -c "$run/smtpbridge.conf" >/dev/null
 
 user=demo pass=demo
 where="Messages the demo upstream accepts are stored in $run/mail/"
@@ -64,6 +65,6 @@ $where
 Stop with Ctrl-C.
 
 MSG
-"$top/build/smtpbridge" -c "$run/smtpbridge.conf" &
+"$bin" -c "$run/smtpbridge.conf" &
 px=$!
 wait "$px"

@@ -14,6 +14,7 @@ declare -A EXTRA_SRCS=(
     [fuzz_reply]="proxy/smtp.c"
     [fuzz_ehlo]="proxy/smtp.c"
     [fuzz_config]="proxy/config.c proxy/log.c"
+    [fuzz_proxy]="proxy/proxyproto.c"
 )
 # Optional extra libraries per target (linked after the sources).
 declare -A EXTRA_LIBS=(
@@ -24,6 +25,7 @@ declare -A EXTRA_ARGS=(
     [fuzz_command]="-max_len=2048"
     [fuzz_reply]="-max_len=16384"
     [fuzz_ehlo]="-max_len=16384"
+    [fuzz_proxy]="-max_len=1024"
 )
 
 if [ $# -ne 1 ] || ! [[ $1 =~ ^[0-9]+$ ]]; then

@@ -24,6 +24,11 @@ Steps (tuples; first item is the op):
     ("close",)                  close the connection now (script ends)
     ("shutdown_wr",)            half-close (send FIN), keep reading
     ("rst",)                    close with RST (SO_LINGER 0)
+    ("proxy_header",)           read a PROXY protocol header (v1 line or v2
+                                binary) and nothing more -- bytes after it
+                                (a ClientHello) stay queued; stored in
+                                c.proxy_header (and recorded in pre_tls);
+                                anything else first fails the script
     ("serve",)                  act as a minimal SMTP server until QUIT/EOF:
                                 EHLO -> multi-line 250 (self.ehlo_caps),
                                 DATA -> 354 ... 250, QUIT -> 221, other -> 250
@@ -91,6 +96,7 @@ class Conn:
         self.pre_tls = bytearray()
         self.post_tls = bytearray()
         self.lines = []          # (phase, line bytes) consumed by expect/serve
+        self.proxy_header = None  # bytes of a ("proxy_header",) step
         self.tls_started = False
         self.tls_version = None
         self.tls_cipher = None
@@ -422,11 +428,76 @@ class _ConnIO:
                 self.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+        elif op == "proxy_header":
+            self.read_proxy_header(to)
         elif op == "serve":
             self.serve(to)
         else:
             raise ScriptError("unknown step %r" % (op,))
         return True
+
+    PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+
+    def _peek_until(self, deadline, done):
+        """Queued bytes (not consumed) once done(data) is true; whatever is
+        queued at EOF or at the deadline otherwise."""
+        data = b""
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self.sock], [], [],
+                                    max(0.0, min(0.2, deadline - time.monotonic())))
+            if not r:
+                continue
+            try:
+                peek = self.sock.recv(4096, socket.MSG_PEEK)
+            except OSError:
+                return data
+            if not peek or len(peek) == len(data) and data:
+                # EOF, or nothing new yet (peeked bytes keep the socket
+                # readable): avoid a busy loop
+                if not peek:
+                    return data
+                time.sleep(0.01)
+                continue
+            data = peek
+            if done(data):
+                return data
+        return data
+
+    def _take(self, n):
+        """Consume exactly n bytes that _peek_until has shown to be queued."""
+        out = bytearray()
+        for _ in range(n + 1):
+            if len(out) >= n:
+                break
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                break
+            out += chunk
+        self._record(bytes(out))
+        return bytes(out)
+
+    def read_proxy_header(self, timeout):
+        if self.tls or self.buf:
+            raise ScriptError("proxy_header step must come first, before TLS")
+        deadline = time.monotonic() + timeout
+        sig = self.PROXY_V2_SIG
+
+        def done(d):
+            if d[:1] == b"P":
+                return b"\r\n" in d or len(d) >= 108
+            if d[:12] == sig:
+                return len(d) >= 16 and len(d) >= 16 + (d[14] << 8 | d[15])
+            return not sig.startswith(d)
+
+        data = self._peek_until(deadline, done)
+        if data.startswith(b"PROXY ") and b"\r\n" in data[:108]:
+            hdr = self._take(data.index(b"\r\n") + 2)
+        elif data[:12] == sig and len(data) >= 16 and \
+                len(data) >= 16 + (data[14] << 8 | data[15]):
+            hdr = self._take(16 + (data[14] << 8 | data[15]))
+        else:
+            raise ScriptError("expected a PROXY header, got %r" % data[:200])
+        self.c.proxy_header = hdr
 
     def _sleep_recording(self, secs):
         deadline = time.monotonic() + secs
