@@ -123,9 +123,12 @@ static void err_string(int code, char *buf, size_t len)
     snprintf(buf, len, "%s (%d)", tmp, code);
 }
 
-/* Key shares in order of preference: X25519 is the cheapest to compute. */
+/* Key shares in order of preference: X25519 is the cheapest to compute.
+ * Also: handshake messages of one flight go out in one write (without it
+ * wolfSSL sends each message with its own syscall and TCP segment). */
 static int set_groups(WOLFSSL_CTX *ctx)
 {
+    wolfSSL_CTX_set_group_messages(ctx);
     int groups[] = {WOLFSSL_ECC_X25519, WOLFSSL_ECC_SECP256R1, WOLFSSL_ECC_SECP384R1};
 
     return wolfSSL_CTX_set_groups(ctx, groups, (int)(sizeof(groups) / sizeof(groups[0])));
