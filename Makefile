@@ -146,7 +146,9 @@ test:
 	@$(MAKE) --no-print-directory format-check
 	@$(MAKE) --no-print-directory test-unit
 	@$(MAKE) --no-print-directory test-integration
+	@$(MAKE) --no-print-directory test-e2e
 	@$(MAKE) --no-print-directory test-asan
+	@$(MAKE) --no-print-directory test-valgrind
 	@$(MAKE) --no-print-directory test-fuzz
 	@$(MAKE) --no-print-directory test-system
 

@@ -305,6 +305,12 @@ int upstream_step(struct session *s)
     case UP_HANDSHAKE:
         n = conn_handshake(u, 0);
         if (n < 0) {
+            /* A session the server no longer takes must not poison every
+             * later dial: forget it, the next one does a full handshake. */
+            if (s->li->up->resume != NULL) {
+                wolfSSL_SESSION_free(s->li->up->resume);
+                s->li->up->resume = NULL;
+            }
             metrics_tls_failure("upstream",
                                 strstr(u->errmsg, "certificate") ? "certificate" : "handshake");
             upstream_fail(s, NULL, "TLS handshake with %s (name %s) failed: %s", ucfg(s)->address,
@@ -437,6 +443,13 @@ void upstream_save_tls_session(struct session *s)
      * seed later handshakes. TLS 1.3 tickets arrive after the handshake, so
      * this runs when the session ends, not when TLS comes up. */
     if (s->u.ssl == NULL || !s->u.tls_up || s->u.failed || s->uphase != UP_READY)
+        return;
+    /* Only sessions from full handshakes: a ticket received on a resumed
+     * TLS 1.3 connection, offered again, made Postfix (OpenSSL) fail the
+     * PSK binder check ("binder does not verify") on every later dial --
+     * seen in the e2e tests with wolfSSL 5.5.4. The first ticket stays
+     * valid for its lifetime, so nothing is lost. */
+    if (s->up_resumed)
         return;
     sess = wolfSSL_get1_session(s->u.ssl);
     if (sess == NULL)
