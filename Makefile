@@ -118,7 +118,8 @@ test-integration: all
 # The whole integration suite against Debian's packaged wolfSSL as well.
 test-system:
 	@$(MAKE) --no-print-directory WOLFSSL=system all
-	SMTPBRIDGE_BIN=$(CURDIR)/build-system/smtpbridge $(PYTHON) -m pytest -q tests/integration
+	SMTPBRIDGE_BIN=$(CURDIR)/build-system/smtpbridge SMTPBRIDGE_MAX_SESSION_KB=192 \
+	  $(PYTHON) -m pytest -q tests/integration
 
 test-asan:
 	@$(MAKE) --no-print-directory SANITIZER=address all

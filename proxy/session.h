@@ -107,10 +107,12 @@ struct session {
     enum await await;
     unsigned plaintext_ok : 1; /* client is in allow_plaintext_from */
     unsigned client_tls_seen : 1;
-    unsigned discard_line : 1; /* pre-TLS: skipping an over-long line */
-    unsigned in_auth : 1;      /* the upstream sent 334: next line is SASL */
-    unsigned authed : 1;       /* the upstream answered AUTH with 235 */
-    unsigned up_resumed : 1;   /* the upstream TLS handshake was a resumption */
+    unsigned discard_line : 1;   /* pre-TLS: skipping an over-long line */
+    unsigned in_auth : 1;        /* the upstream sent 334: next line is SASL */
+    unsigned authed : 1;         /* the upstream answered AUTH with 235 */
+    unsigned up_resumed : 1;     /* the upstream TLS handshake was a resumption */
+    unsigned resume_offered : 1; /* a cached session was offered upstream */
+    unsigned resume_retried : 1; /* ... and refused: dialled again without */
     enum smtp_sasl auth_mech;
     unsigned auth_steps; /* client responses in this AUTH exchange */
     char auth_user[64];  /* for logs only; never the password */

@@ -112,6 +112,20 @@ static void redial(struct session *s, const char *why)
     dial_next(s);
 }
 
+/* Closes the current attempt and dials the same address again. */
+static void redial_same(struct session *s, const char *why)
+{
+    slog(s, LOG_LVL_INFO,
+         "event=upstream_resume_failed upstream=%s reason=\"%s\" msg=\"retrying "
+         "with a full handshake\"",
+         ucfg(s)->address, why);
+    conn_release(&s->u);
+    s->u.tls_version = s->u.tls_cipher = NULL;
+    s->u.handshaking = s->u.tls_up = 0;
+    s->u.retry_src = WSRC_NONE;
+    dial_next(s);
+}
+
 static void send_line(struct session *s, const char *fmt, const char *arg)
 {
     char line[300];
@@ -140,8 +154,9 @@ static void start_tls(struct session *s)
         upstream_fail(s, NULL, "cannot create TLS session");
         return;
     }
-    if (s->li->up->resume != NULL)
-        wolfSSL_set_session(ssl, s->li->up->resume);
+    if (s->li->up->resume != NULL && !s->resume_retried &&
+        wolfSSL_set_session(ssl, s->li->up->resume) == WOLFSSL_SUCCESS)
+        s->resume_offered = 1;
     conn_start_tls(&s->u, ssl);
     enter(s, UP_HANDSHAKE);
 }
@@ -305,11 +320,19 @@ int upstream_step(struct session *s)
     case UP_HANDSHAKE:
         n = conn_handshake(u, 0);
         if (n < 0) {
-            /* A session the server no longer takes must not poison every
-             * later dial: forget it, the next one does a full handshake. */
-            if (s->li->up->resume != NULL) {
-                wolfSSL_SESSION_free(s->li->up->resume);
-                s->li->up->resume = NULL;
+            /* A session the server no longer takes must not poison later
+             * dials, nor cost this client its session: forget it and dial
+             * again once with a full handshake. */
+            if (s->resume_offered) {
+                struct upstream_rt *up = s->li->up;
+                if (up->resume != NULL) {
+                    wolfSSL_SESSION_free(up->resume);
+                    up->resume = NULL;
+                }
+                s->resume_offered = 0;
+                s->resume_retried = 1;
+                redial_same(s, u->errmsg);
+                return 1;
             }
             metrics_tls_failure("upstream",
                                 strstr(u->errmsg, "certificate") ? "certificate" : "handshake");
@@ -454,6 +477,13 @@ void upstream_save_tls_session(struct session *s)
     sess = wolfSSL_get1_session(s->u.ssl);
     if (sess == NULL)
         return;
+    /* TLS 1.3 resumes only with a ticket, which arrives after the
+     * handshake: a session that ended before reading one is useless. */
+    if ((strcmp(s->u.tls_version, "TLSv1.3") == 0 ? wolfSSL_SESSION_has_ticket(sess)
+                                                  : wolfSSL_SESSION_is_resumable(sess)) != 1) {
+        wolfSSL_SESSION_free(sess);
+        return;
+    }
     if (up->resume)
         wolfSSL_SESSION_free(up->resume);
     up->resume = sess;
