@@ -135,10 +135,10 @@ fuzz:
 	tests/fuzz/run.sh 600
 
 format:
-	clang-format -i proxy/*.c proxy/*.h
+	clang-format -i proxy/*.c proxy/*.h tests/unit/*.c tests/fuzz/*.c tests/bench/*.c
 
 format-check:
-	@clang-format --dry-run --Werror proxy/*.c proxy/*.h tests/unit/*.c tests/fuzz/*.c \
+	@clang-format --dry-run --Werror proxy/*.c proxy/*.h tests/unit/*.c tests/fuzz/*.c tests/bench/*.c \
 	  && echo "format-check: OK"
 
 test:

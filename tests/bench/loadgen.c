@@ -76,9 +76,20 @@ static struct {
     long conns;
     size_t size;
     double max_s;
-} o = {.host = "127.0.0.1", .port = NULL, .ca = NULL, .sni = "localhost", .user = "bench",
-       .pass = "bench", .implicit = 1, .conc = 10, .msgs = 1, .idle = 0, .parallel = 64,
-       .conns = 100, .size = 1024, .max_s = 120};
+} o = {.host = "127.0.0.1",
+       .port = NULL,
+       .ca = NULL,
+       .sni = "localhost",
+       .user = "bench",
+       .pass = "bench",
+       .implicit = 1,
+       .conc = 10,
+       .msgs = 1,
+       .idle = 0,
+       .parallel = 64,
+       .conns = 100,
+       .size = 1024,
+       .max_s = 120};
 
 static struct ev_loop *loop;
 static WOLFSSL_CTX *ctx;
@@ -313,7 +324,8 @@ static void drive(struct lconn *c)
                     break;
                 }
                 char eb[WOLFSSL_MAX_ERROR_SZ];
-                fprintf(stderr, "loadgen: handshake: %s\n", wolfSSL_ERR_error_string((unsigned long)e, eb));
+                fprintf(stderr, "loadgen: handshake: %s\n",
+                        wolfSSL_ERR_error_string((unsigned long)e, eb));
                 goto fail;
             }
             if (n_hs < cap_conn)
@@ -407,8 +419,8 @@ static void drive(struct lconn *c)
             off = 0;
             int r = on_reply(c, code);
             if (r < 0) {
-                fprintf(stderr, "loadgen: unexpected reply in phase %d: %.*s", (int)c->ph,
-                        (int)ll, line);
+                fprintf(stderr, "loadgen: unexpected reply in phase %d: %.*s", (int)c->ph, (int)ll,
+                        line);
                 goto fail;
             }
             if (r > 0) {
@@ -565,19 +577,45 @@ int main(int argc, char **argv)
     char *tgt = NULL;
     while ((opt = getopt(argc, argv, "t:m:c:k:n:s:T:a:S:u:w:I:P:")) != -1) {
         switch (opt) {
-        case 't': tgt = optarg; break;
-        case 'm': o.implicit = strcmp(optarg, "starttls") != 0; break;
-        case 'c': o.conc = atoi(optarg); break;
-        case 'k': o.conns = atol(optarg); break;
-        case 'n': o.msgs = atoi(optarg); break;
-        case 's': o.size = (size_t)atol(optarg); break;
-        case 'T': o.max_s = atof(optarg); break;
-        case 'a': o.ca = optarg; break;
-        case 'S': o.sni = optarg; break;
-        case 'u': o.user = optarg; break;
-        case 'w': o.pass = optarg; break;
-        case 'I': o.idle = atoi(optarg); break;
-        case 'P': o.parallel = atoi(optarg); break;
+        case 't':
+            tgt = optarg;
+            break;
+        case 'm':
+            o.implicit = strcmp(optarg, "starttls") != 0;
+            break;
+        case 'c':
+            o.conc = atoi(optarg);
+            break;
+        case 'k':
+            o.conns = atol(optarg);
+            break;
+        case 'n':
+            o.msgs = atoi(optarg);
+            break;
+        case 's':
+            o.size = (size_t)atol(optarg);
+            break;
+        case 'T':
+            o.max_s = atof(optarg);
+            break;
+        case 'a':
+            o.ca = optarg;
+            break;
+        case 'S':
+            o.sni = optarg;
+            break;
+        case 'u':
+            o.user = optarg;
+            break;
+        case 'w':
+            o.pass = optarg;
+            break;
+        case 'I':
+            o.idle = atoi(optarg);
+            break;
+        case 'P':
+            o.parallel = atoi(optarg);
+            break;
         default:
             fprintf(stderr, "usage: see the comment at the top of loadgen.c\n");
             return 2;

@@ -31,7 +31,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define INBUF 16384
+#define INBUF  16384
 #define OUTBUF 2048
 
 enum state { S_CMD, S_DATA, S_HANDSHAKE, S_AUTHLINE, S_CLOSING };
@@ -42,13 +42,13 @@ struct sconn {
     ev_io io;
     enum state st;
     int tls;
-    int closing;      /* close once out is flushed */
-    int greet;        /* implicit TLS: send the greeting after the handshake */
-    char tail[4];     /* last bytes of DATA seen (end-marker search) */
+    int closing;  /* close once out is flushed */
+    int greet;    /* implicit TLS: send the greeting after the handshake */
+    char tail[4]; /* last bytes of DATA seen (end-marker search) */
     int tail_len;
     uint32_t in_len;
     uint32_t out_len, out_off;
-    char *in;          /* INBUF, allocated while the conn lives */
+    char *in; /* INBUF, allocated while the conn lives */
     char out[OUTBUF];
 };
 
@@ -400,11 +400,21 @@ int main(int argc, char **argv)
     double max_s = 3600;
     while ((opt = getopt(argc, argv, "p:i:c:k:T:")) != -1) {
         switch (opt) {
-        case 'p': port = atoi(optarg); break;
-        case 'i': iport = atoi(optarg); break;
-        case 'c': cert = optarg; break;
-        case 'k': key = optarg; break;
-        case 'T': max_s = atof(optarg); break;
+        case 'p':
+            port = atoi(optarg);
+            break;
+        case 'i':
+            iport = atoi(optarg);
+            break;
+        case 'c':
+            cert = optarg;
+            break;
+        case 'k':
+            key = optarg;
+            break;
+        case 'T':
+            max_s = atof(optarg);
+            break;
         default:
             fprintf(stderr, "usage: sink -p PORT [-i IMPLICIT_PORT] -c CERT -k KEY [-T SECONDS]\n");
             return 2;

@@ -287,9 +287,11 @@ static void test_v1_ports(void)
         const char *port;
         int ok;
     } cases[] = {
-        {"0", 1},     {"1", 1},      {"25", 1},         {"65535", 1}, {"65536", 0},
-        {"99999", 0}, {"00", 0},     {"01", 0},         {"0025", 0},  {"-1", 0},
-        {"+1", 0},    {"1a", 0},     {"0x19", 0},       {"1.0", 0},   {"4294967321", 0},
+        {"0", 1},     {"1", 1},      {"25", 1},
+        {"65535", 1}, {"65536", 0},  {"99999", 0},
+        {"00", 0},    {"01", 0},     {"0025", 0},
+        {"-1", 0},    {"+1", 0},     {"1a", 0},
+        {"0x19", 0},  {"1.0", 0},    {"4294967321", 0},
         {"１", 0},    {"100000", 0}, {"9999999999999", 0},
     };
     char line[160];
@@ -320,8 +322,8 @@ static void test_v1_addresses(void)
 {
     /* TCP4 lines with bad addresses. */
     static const char *const bad4[] = {
-        "1.2.3",       "256.1.1.1", "1.2.3.4.5", "::1",      "2001:db8::1", "a.b.c.d",
-        "1.2.3.4/32",  "1.2.3.-4",  "1..2.3",    "1.2.3.4:", "localhost",   "1.2.3.4%lo",
+        "1.2.3",      "256.1.1.1", "1.2.3.4.5", "::1",      "2001:db8::1", "a.b.c.d",
+        "1.2.3.4/32", "1.2.3.-4",  "1..2.3",    "1.2.3.4:", "localhost",   "1.2.3.4%lo",
     };
     /* TCP6 lines with bad addresses. */
     static const char *const bad6[] = {
@@ -411,8 +413,14 @@ static void test_v2_ipv4(void)
     {
         uint8_t body[12 + 7 + 5];
         memcpy(body, body4, 12);
-        memcpy(body + 12, "\x04\x00\x04" "abcd", 7);
-        memcpy(body + 19, "\x01\x00\x02" "h2", 5);
+        memcpy(body + 12,
+               "\x04\x00\x04"
+               "abcd",
+               7);
+        memcpy(body + 19,
+               "\x01\x00\x02"
+               "h2",
+               5);
         n = v2(buf, 0x21, 0x11, sizeof(body), body, sizeof(body));
         CHECK(n == 40);
         memcpy(buf + n, "EHLO x\r\n", 8);
@@ -450,7 +458,10 @@ static void test_v2_ipv6(void)
     CHECK(all_prefixes_incomplete(buf, n));
 
     /* With a TLV. */
-    memcpy(body + 36, "\x04\x00\x01" "z", 4);
+    memcpy(body + 36,
+           "\x04\x00\x01"
+           "z",
+           4);
     n = v2(buf, 0x21, 0x21, 40, body, 40);
     CHECK(parse(buf, n, &res, &err) == 56);
 
