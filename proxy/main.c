@@ -207,49 +207,59 @@ static const char *config_path;
  * any error keeps the old configuration serving. New sessions use the new
  * runtime; sessions in flight keep theirs (reference counted) until they end.
  */
-static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
+static int same_str(const char *a, const char *b)
+{
+    return (a == NULL && b == NULL) || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
+/*
+ * The common part of a reload, in a single process or in the master: load
+ * and build the new runtime next to the running one (taking over its
+ * sockets), switch logging, close the sockets no longer configured, and
+ * make it current. Returns 0, or -1 with the running one untouched.
+ */
+static int reload_runtime(void)
 {
     struct config *cfg;
     struct runtime *next;
 
-    (void)loop;
-    (void)w;
-    (void)revents;
-    if (draining)
-        return;
     log_msg(LOG_LVL_INFO, 0, "event=reload_start path=%s", config_path);
     cfg = config_load(config_path);
-    if (cfg == NULL) {
-        log_msg(LOG_LVL_ERROR, 0,
-                "event=reload_failed msg=\"configuration has errors (see above); keeping the "
-                "running one\"");
-        return;
-    }
-    if ((cfg->admin == NULL) != (rt->cfg->admin == NULL) ||
-        (cfg->admin && strcmp(cfg->admin, rt->cfg->admin) != 0))
-        log_msg(LOG_LVL_WARNING, 0,
-                "event=reload_warning msg=\"a change of 'admin' needs a restart\"");
-    if ((cfg->user == NULL) != (rt->cfg->user == NULL) ||
-        (cfg->user && strcmp(cfg->user, rt->cfg->user) != 0))
-        log_msg(LOG_LVL_WARNING, 0,
-                "event=reload_warning msg=\"a change of 'user' needs a restart\"");
-    next = runtime_build(cfg, 1, rt);
+    next = cfg ? runtime_build(cfg, 1, rt) : NULL;
     if (next == NULL) {
         log_msg(LOG_LVL_ERROR, 0,
-                "event=reload_failed msg=\"cannot apply the new configuration (see above); "
+                "event=reload_failed msg=\"the new configuration has errors (see above); "
                 "keeping the running one\"");
-        return;
+        return -1;
     }
+    if (!same_str(next->cfg->admin, rt->cfg->admin))
+        log_msg(LOG_LVL_WARNING, 0,
+                "event=reload_warning msg=\"a change of 'admin' needs a restart\"");
+    if (!same_str(next->cfg->user, rt->cfg->user) || !same_str(next->cfg->group, rt->cfg->group))
+        log_msg(LOG_LVL_WARNING, 0,
+                "event=reload_warning msg=\"a change of 'user' or 'group' needs a restart\"");
+    for (size_t i = 0; i < next->nlis; i++)
+        metrics_listener(next->lis[i].cfg->name);
     log_init(debug_logging ? LOG_LVL_DEBUG : next->cfg->log_level, next->cfg->syslog);
     log_set_json(next->cfg->log_json);
-    /* Sockets the new configuration took over are -1 in the old runtime;
-     * the rest (addresses no longer configured) are closed now, not when
-     * the last old session ends. */
+    /* Sockets the new runtime took over are -1 in the old one; the rest
+     * (addresses no longer configured) close now, not when the last old
+     * session ends. */
     listener_close(rt);
     runtime_unref(rt); /* freed once its last session ends */
     rt = next;
-    listener_start(rt);
     startup_warnings(rt->cfg);
+    return 0;
+}
+
+static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    (void)loop;
+    (void)w;
+    (void)revents;
+    if (draining || reload_runtime() == -1)
+        return;
+    listener_start(rt);
     log_msg(LOG_LVL_INFO, 0, "event=reload_done sessions=%u", session_count());
 }
 
@@ -262,6 +272,7 @@ struct worker {
     ev_child watcher;
     struct runtime *rt;
     int retiring; /* told to drain after a reload */
+    int marked;   /* serving when a reload started */
     ev_tstamp started;
 };
 
@@ -422,36 +433,19 @@ static void master_stop_cb(struct ev_loop *loop, ev_signal *w, int revents)
  * start new workers on it, and let the old ones drain. */
 static void master_hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
 {
-    struct config *cfg;
-    struct runtime *next;
-
-    (void)loop;
     (void)w;
     (void)revents;
     if (master_stopping)
         return;
-    log_msg(LOG_LVL_INFO, 0, "event=reload_start path=%s", config_path);
-    cfg = config_load(config_path);
-    next = cfg ? runtime_build(cfg, 1, rt) : NULL;
-    if (next == NULL) {
-        log_msg(LOG_LVL_ERROR, 0,
-                "event=reload_failed msg=\"the new configuration has errors (see above); "
-                "keeping the running one\"");
-        return;
-    }
-    for (size_t i = 0; i < next->nlis; i++)
-        metrics_listener(next->lis[i].cfg->name);
-    log_init(debug_logging ? LOG_LVL_DEBUG : next->cfg->log_level, next->cfg->syslog);
-    log_set_json(next->cfg->log_json);
     for (size_t i = 0; i < sizeof(workers) / sizeof(workers[0]); i++)
-        if (workers[i].pid > 0 && !workers[i].retiring) {
+        workers[i].marked = workers[i].pid > 0 && !workers[i].retiring;
+    if (reload_runtime() == -1)
+        return;
+    for (size_t i = 0; i < sizeof(workers) / sizeof(workers[0]); i++)
+        if (workers[i].marked && workers[i].pid > 0) {
             workers[i].retiring = 1;
             kill(workers[i].pid, SIGTERM);
         }
-    listener_close(rt);
-    runtime_unref(rt);
-    rt = next;
-    startup_warnings(rt->cfg);
     respawn_cb(loop, NULL, 0);
     log_msg(LOG_LVL_INFO, 0, "event=reload_done workers=%u", live_workers(0));
 }

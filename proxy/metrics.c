@@ -3,6 +3,7 @@
  */
 #include "metrics.h"
 
+#include <stddef.h>
 #include <string.h>
 #include <sys/mman.h>
 
@@ -146,28 +147,31 @@ static void label(FILE *out, const char *v)
     }
 }
 
+/* One metric with a value per listener, read at byte offset `off`. */
+static void per_listener(FILE *out, const char *name, const char *help, const char *type,
+                         size_t off)
+{
+    size_t nl = GET(m->nlisteners);
+
+    fprintf(out, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+    for (size_t i = 0; i < nl; i++) {
+        uint64_t *v = (uint64_t *)((char *)&m->listeners[i] + off);
+        fprintf(out, "%s{listener=\"", name);
+        label(out, m->listeners[i].name);
+        fprintf(out, "\"} %llu\n", (unsigned long long)GET(*v));
+    }
+}
+
 void metrics_render(FILE *out)
 {
     uint64_t cum = 0;
     size_t nl = GET(m->nlisteners);
     struct listener_metrics *listeners = m->listeners;
 
-    fputs("# HELP smtpbridge_sessions_active Sessions open now.\n"
-          "# TYPE smtpbridge_sessions_active gauge\n",
-          out);
-    for (size_t i = 0; i < nl; i++) {
-        fputs("smtpbridge_sessions_active{listener=\"", out);
-        label(out, listeners[i].name);
-        fprintf(out, "\"} %llu\n", (unsigned long long)GET(listeners[i].active));
-    }
-    fputs("# HELP smtpbridge_sessions_total Sessions accepted.\n"
-          "# TYPE smtpbridge_sessions_total counter\n",
-          out);
-    for (size_t i = 0; i < nl; i++) {
-        fputs("smtpbridge_sessions_total{listener=\"", out);
-        label(out, listeners[i].name);
-        fprintf(out, "\"} %llu\n", (unsigned long long)GET(listeners[i].total));
-    }
+    per_listener(out, "smtpbridge_sessions_active", "Sessions open now.", "gauge",
+                 offsetof(struct listener_metrics, active));
+    per_listener(out, "smtpbridge_sessions_total", "Sessions accepted.", "counter",
+                 offsetof(struct listener_metrics, total));
     fputs("# HELP smtpbridge_sessions_ended_total Sessions ended, by reason.\n"
           "# TYPE smtpbridge_sessions_ended_total counter\n",
           out);
@@ -178,15 +182,9 @@ void metrics_render(FILE *out)
             fprintf(out, "\",reason=\"%s\"} %llu\n", end_names[k],
                     (unsigned long long)GET(listeners[i].ended[k]));
         }
-    fputs("# HELP smtpbridge_connections_rejected_total Connections closed at accept "
-          "(caps, allow_from, proxy_from).\n"
-          "# TYPE smtpbridge_connections_rejected_total counter\n",
-          out);
-    for (size_t i = 0; i < nl; i++) {
-        fputs("smtpbridge_connections_rejected_total{listener=\"", out);
-        label(out, listeners[i].name);
-        fprintf(out, "\"} %llu\n", (unsigned long long)GET(listeners[i].rejected));
-    }
+    per_listener(out, "smtpbridge_connections_rejected_total",
+                 "Connections closed at accept (caps, allow_from, proxy_from).", "counter",
+                 offsetof(struct listener_metrics, rejected));
     fputs("# HELP smtpbridge_tls_handshake_failures_total TLS handshakes that failed.\n"
           "# TYPE smtpbridge_tls_handshake_failures_total counter\n",
           out);
