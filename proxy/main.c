@@ -301,11 +301,12 @@ static unsigned live_workers(int retiring)
 }
 
 /* In the child: forget the master's duties, drop privileges, serve. */
-static void worker_main(struct runtime *r)
+static void worker_main(struct runtime *r, int slot)
 {
     struct ev_loop *loop = EV_DEFAULT;
 
     ev_loop_fork(loop);
+    metrics_set_slot(slot);
     for (size_t i = 0; i < sizeof(workers) / sizeof(workers[0]); i++)
         if (workers[i].pid > 0)
             ev_child_stop(loop, &workers[i].watcher);
@@ -349,7 +350,7 @@ static int spawn_worker(void)
         return -1;
     }
     if (pid == 0)
-        worker_main(rt);
+        worker_main(rt, (int)(k - workers) + 1);
     k->pid = pid;
     k->rt = rt;
     k->retiring = 0;
@@ -388,6 +389,8 @@ static void child_cb(struct ev_loop *loop, ev_child *w, int revents)
         log_msg(master_stopping || k->retiring || WEXITSTATUS(st) == 0 ? LOG_LVL_INFO
                                                                        : LOG_LVL_ERROR,
                 0, "event=worker_exited pid=%d status=%d", (int)k->pid, WEXITSTATUS(st));
+    /* Sessions it had open died with it. */
+    metrics_clear_slot((int)(k - workers) + 1);
     runtime_unref(k->rt);
     k->pid = 0;
     k->rt = NULL;

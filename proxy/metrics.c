@@ -4,6 +4,7 @@
 #include "metrics.h"
 
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 
@@ -14,7 +15,13 @@
 #define ADD(x, n) __atomic_add_fetch(&(x), (n), __ATOMIC_RELAXED)
 #define GET(x)    __atomic_load_n(&(x), __ATOMIC_RELAXED)
 
+/* Open sessions are counted per process slot (0: a single process, 1..:
+ * workers), so that the master can forget a worker's sessions when the
+ * worker dies without closing them (SIGKILL, crash). */
+#define SLOTS 513
+
 struct shared {
+    uint64_t active[SLOTS][MAX_LISTENERS];
     struct listener_metrics listeners[MAX_LISTENERS];
     size_t nlisteners;
     struct listener_metrics overflow;
@@ -24,8 +31,42 @@ struct shared {
     uint64_t bytes_c2u, bytes_u2c, auth_ok, auth_failed;
 };
 
-static struct shared local = {.overflow = {.name = "other"}};
-static struct shared *m = &local;
+static struct shared *m;
+static int slot;
+
+/* The counters start in private memory (a single process), allocated on
+ * first use: the slot table is too big for a static. */
+static struct shared *shared_get(void)
+{
+    if (m == NULL) {
+        m = mmap(NULL, sizeof(*m), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED)
+            abort();
+        snprintf(m->overflow.name, sizeof(m->overflow.name), "other");
+    }
+    return m;
+}
+
+void metrics_set_slot(int s)
+{
+    slot = s > 0 && s < SLOTS ? s : 0;
+}
+
+void metrics_clear_slot(int s)
+{
+    if (s > 0 && s < SLOTS)
+        for (size_t i = 0; i < MAX_LISTENERS; i++)
+            __atomic_store_n(&shared_get()->active[s][i], 0, __ATOMIC_RELAXED);
+}
+
+static uint64_t *active_of(struct listener_metrics *l)
+{
+    ptrdiff_t i = l - m->listeners;
+
+    if (i < 0 || i >= MAX_LISTENERS)
+        return NULL;
+    return &m->active[slot][i];
+}
 
 static const char *const end_names[END_KINDS] = {
     [END_UNSET] = "unknown",
@@ -54,16 +95,19 @@ int metrics_share(void)
     struct shared *p =
         mmap(NULL, sizeof(*p), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 
+    struct shared *old = shared_get();
+
     if (p == MAP_FAILED)
         return -1;
-    *p = *m;
+    memcpy(p, old, sizeof(*p));
+    munmap(old, sizeof(*old));
     m = p;
     return 0;
 }
 
 struct listener_metrics *metrics_listener(const char *name)
 {
-    size_t n = GET(m->nlisteners);
+    size_t n = GET(shared_get()->nlisteners);
 
     for (size_t i = 0; i < n; i++)
         if (strcmp(m->listeners[i].name, name) == 0)
@@ -77,8 +121,11 @@ struct listener_metrics *metrics_listener(const char *name)
 
 void metrics_session_start(struct listener_metrics *l)
 {
+    uint64_t *a = active_of(l);
+
     ADD(l->total, 1);
-    ADD(l->active, 1);
+    if (a != NULL)
+        ADD(*a, 1);
 }
 
 void metrics_rejected(struct listener_metrics *l)
@@ -88,7 +135,10 @@ void metrics_rejected(struct listener_metrics *l)
 
 void metrics_session_end(struct listener_metrics *l, enum end_kind kind, uint64_t c2u, uint64_t u2c)
 {
-    __atomic_sub_fetch(&l->active, 1, __ATOMIC_RELAXED);
+    uint64_t *a = active_of(l);
+
+    if (a != NULL && GET(*a) > 0)
+        __atomic_sub_fetch(a, 1, __ATOMIC_RELAXED);
     ADD(l->ended[kind < END_KINDS ? kind : END_UNSET], 1);
     ADD(m->bytes_c2u, c2u);
     ADD(m->bytes_u2c, u2c);
@@ -105,6 +155,7 @@ static int index_of(const char *const *v, size_t n, const char *s)
 void metrics_tls_failure(const char *side, const char *cause)
 {
     int a = index_of(sides, 2, side), b = index_of(causes, 3, cause);
+    shared_get();
 
     if (a >= 0 && b >= 0)
         ADD(m->tls_failures[a][b], 1);
@@ -113,6 +164,7 @@ void metrics_tls_failure(const char *side, const char *cause)
 void metrics_dial(double seconds, int resumed)
 {
     size_t i;
+    shared_get();
 
     for (i = 0; i < NBUCKETS && seconds > buckets[i]; i++)
         ;
@@ -127,6 +179,7 @@ void metrics_dial(double seconds, int resumed)
 
 void metrics_auth(int ok)
 {
+    shared_get();
     if (ok)
         ADD(m->auth_ok, 1);
     else
@@ -165,11 +218,20 @@ static void per_listener(FILE *out, const char *name, const char *help, const ch
 void metrics_render(FILE *out)
 {
     uint64_t cum = 0;
-    size_t nl = GET(m->nlisteners);
+    size_t nl = GET(shared_get()->nlisteners);
     struct listener_metrics *listeners = m->listeners;
 
-    per_listener(out, "smtpbridge_sessions_active", "Sessions open now.", "gauge",
-                 offsetof(struct listener_metrics, active));
+    fputs("# HELP smtpbridge_sessions_active Sessions open now.\n"
+          "# TYPE smtpbridge_sessions_active gauge\n",
+          out);
+    for (size_t i = 0; i < nl; i++) {
+        uint64_t sum = 0;
+        for (size_t k = 0; k < SLOTS; k++)
+            sum += GET(m->active[k][i]);
+        fputs("smtpbridge_sessions_active{listener=\"", out);
+        label(out, listeners[i].name);
+        fprintf(out, "\"} %llu\n", (unsigned long long)sum);
+    }
     per_listener(out, "smtpbridge_sessions_total", "Sessions accepted.", "counter",
                  offsetof(struct listener_metrics, total));
     fputs("# HELP smtpbridge_sessions_ended_total Sessions ended, by reason.\n"

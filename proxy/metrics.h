@@ -28,7 +28,7 @@ enum end_kind {
 
 struct listener_metrics {
     char name[64];
-    uint64_t total, active;
+    uint64_t total;
     uint64_t ended[END_KINDS];
     uint64_t rejected; /* at accept: caps, allow_from, proxy_from */
 };
@@ -36,6 +36,13 @@ struct listener_metrics {
 /* The counters of the listener called name (created on first use; stable
  * pointer for the life of the process, across reloads). */
 struct listener_metrics *metrics_listener(const char *name);
+
+/* The process slot whose open sessions this process counts: 0 for a single
+ * process, 1.. for workers (set in the worker after fork). */
+void metrics_set_slot(int slot);
+
+/* Forgets the open sessions of a slot whose process died. */
+void metrics_clear_slot(int slot);
 
 /* Moves the counters into memory shared with processes forked later (call
  * before starting workers). Returns 0 or -1. */
