@@ -23,7 +23,6 @@
 #define R_ERRS       "421 4.7.0 Too many errors, closing connection\r\n"
 #define R_TIMEOUT    "421 4.4.2 Timeout exceeded, closing connection\r\n"
 #define R_AUTH_REQ   "530 5.7.0 Authentication required\r\n"
-#define R_NO_XCLIENT "550 5.7.1 XCLIENT is not accepted from clients\r\n"
 #define R_LONG_FATAL "500 5.5.2 Line too long, closing connection\r\n"
 #define R_INJECT     "421 4.7.0 STARTTLS must be the last command before TLS, closing connection\r\n"
 
@@ -45,16 +44,6 @@ static void greet(struct session *s)
     queue_fmt(s, "220 %s ESMTP\r\n", s->cfg->hostname);
 }
 
-static int client_allowed_plaintext(const struct session *s)
-{
-    const struct listener_cfg *li = s->li->cfg;
-
-    for (size_t i = 0; i < li->nallow; i++)
-        if (cidr_match(&li->allow[i], &s->peer))
-            return 1;
-    return 0;
-}
-
 static void start_handshake(struct session *s)
 {
     WOLFSSL *ssl = wolfSSL_new(s->li->ctx);
@@ -69,16 +58,12 @@ static void start_handshake(struct session *s)
     conn_deadline(&s->c, s->cfg->handshake_timeout);
 }
 
+/* allow_from, for the client named by a PROXY header (empty: everyone). */
 static int allowed_from(const struct session *s)
 {
     const struct listener_cfg *li = s->li->cfg;
 
-    if (li->nallow_from == 0)
-        return 1;
-    for (size_t i = 0; i < li->nallow_from; i++)
-        if (cidr_match(&li->allow_from[i], &s->peer))
-            return 1;
-    return 0;
+    return li->nallow_from == 0 || cidr_list_match(li->allow_from, li->nallow_from, &s->peer);
 }
 
 static void client_begin(struct session *s)
@@ -89,7 +74,7 @@ static void client_begin(struct session *s)
     }
     greet(s);
     conn_deadline(&s->c, s->cfg->command_timeout);
-    if (client_allowed_plaintext(s)) {
+    if (cidr_list_match(s->li->cfg->allow, s->li->cfg->nallow, &s->peer)) {
         s->plaintext_ok = 1;
         s->cphase = CP_FOLLOW;
         upstream_start(s);
@@ -205,7 +190,7 @@ int client_wants_read(const struct session *s)
            s->cphase == CP_SPLICE;
 }
 
-static void count_error(struct session *s)
+void client_count_error(struct session *s)
 {
     if (++s->errors >= s->cfg->max_errors) {
         session_end_kind(s, END_ERRORS);
@@ -247,14 +232,14 @@ static void pretls_command(struct session *s, const char *line, size_t len)
 
     if (err != NULL) {
         queue_fmt(s, "500 5.5.2 Syntax error: %s\r\n", err);
-        count_error(s);
+        client_count_error(s);
         return;
     }
     switch (cmd.verb) {
     case SMTP_VERB_EHLO:
         if (cmd.arg == NULL) {
             queue_fmt(s, "501 5.5.4 Syntax: EHLO hostname%s\r\n", "");
-            count_error(s);
+            client_count_error(s);
             break;
         }
         /* Our own short list: STARTTLS, never AUTH (RFC 4954 4: no
@@ -264,7 +249,7 @@ static void pretls_command(struct session *s, const char *line, size_t len)
     case SMTP_VERB_HELO:
         if (cmd.arg == NULL) {
             queue_fmt(s, "501 5.5.4 Syntax: HELO hostname%s\r\n", "");
-            count_error(s);
+            client_count_error(s);
             break;
         }
         queue_fmt(s, "250 %s\r\n", host);
@@ -280,7 +265,7 @@ static void pretls_command(struct session *s, const char *line, size_t len)
     case SMTP_VERB_STARTTLS:
         if (cmd.arg != NULL) {
             queue_fmt(s, "501 5.5.4 Syntax: STARTTLS%s\r\n", "");
-            count_error(s);
+            client_count_error(s);
             break;
         }
         if (!starttls_injection(s))
@@ -288,7 +273,7 @@ static void pretls_command(struct session *s, const char *line, size_t len)
         break;
     default:
         conn_queue(&s->c, R_530, strlen(R_530));
-        count_error(s);
+        client_count_error(s);
         break;
     }
 }
@@ -322,7 +307,7 @@ static int pretls_lines(struct session *s)
         conn_deadline(c, s->cfg->command_timeout);
         if (too_long) {
             conn_queue(c, R_LONG, strlen(R_LONG));
-            count_error(s);
+            client_count_error(s);
             continue;
         }
         pretls_command(s, line, n);
@@ -409,7 +394,7 @@ static void auth_result(struct session *s, int code)
     }
     metrics_auth(0);
     slog(s, LOG_LVL_WARNING, "event=auth_failed ip=%s user=%s code=%d", s->peer_ip, user, code);
-    count_error(s);
+    client_count_error(s);
 }
 
 /* A complete reply from the upstream to the command we relayed. */
@@ -560,7 +545,7 @@ static int follow_lines(struct session *s)
         }
         conn_consume(c, (uint32_t)ll);
         queue_fmt(s, "500 5.5.2 Syntax error%s\r\n", "");
-        count_error(s);
+        client_count_error(s);
         return 1;
     }
     switch (cmd.verb) {
@@ -572,10 +557,10 @@ static int follow_lines(struct session *s)
         if (c->ssl != NULL) {
             /* RFC 3207 4.2: no second handshake inside TLS. */
             conn_queue(c, R_503_TLS, strlen(R_503_TLS));
-            count_error(s);
+            client_count_error(s);
         } else if (cmd.arg != NULL) {
             queue_fmt(s, "501 5.5.4 Syntax: STARTTLS%s\r\n", "");
-            count_error(s);
+            client_count_error(s);
         } else if (!starttls_injection(s)) {
             accept_starttls(s);
         }
@@ -584,13 +569,13 @@ static int follow_lines(struct session *s)
         /* Only the proxy may speak XCLIENT to the upstream (SECURITY.md 5). */
         conn_consume(c, (uint32_t)ll);
         conn_queue(c, R_NO_XCLIENT, strlen(R_NO_XCLIENT));
-        count_error(s);
+        client_count_error(s);
         break;
     case SMTP_VERB_AUTH:
         if (c->ssl == NULL && !s->plaintext_ok) {
             conn_consume(c, (uint32_t)ll);
             conn_queue(c, R_530, strlen(R_530));
-            count_error(s);
+            client_count_error(s);
             break;
         }
         auth_command(s, &cmd, ll);
@@ -602,7 +587,7 @@ static int follow_lines(struct session *s)
         if (gate) {
             conn_consume(c, (uint32_t)ll);
             conn_queue(c, R_AUTH_REQ, strlen(R_AUTH_REQ));
-            count_error(s);
+            client_count_error(s);
             break;
         }
         splice_enter(s);

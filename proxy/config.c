@@ -338,6 +338,14 @@ int cidr_match(const struct cidr *c, const struct sockaddr_storage *sa)
     return 1;
 }
 
+int cidr_list_match(const struct cidr *v, size_t n, const struct sockaddr_storage *sa)
+{
+    for (size_t i = 0; i < n; i++)
+        if (cidr_match(&v[i], sa))
+            return 1;
+    return 0;
+}
+
 /* Splits a comma-separated list, trimming blanks; calls fn for each item. */
 static int for_each_item(struct parse *p, const char *key, const char *v,
                          int (*fn)(struct parse *, const char *, const char *))

@@ -124,6 +124,9 @@ int config_parse_cidr(const char *s, struct cidr *out);
  * addresses match IPv4 networks.) */
 int cidr_match(const struct cidr *c, const struct sockaddr_storage *sa);
 
+/* Does sa fall inside any of the n networks of v? (0 for an empty list.) */
+int cidr_list_match(const struct cidr *v, size_t n, const struct sockaddr_storage *sa);
+
 /*
  * config_split_hostport(s, &host, &port): "host:port" or "[v6]:port" into two
  * malloc'd strings. Returns 0, or -1 with nothing allocated.

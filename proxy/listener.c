@@ -453,12 +453,7 @@ static int over_cap(const struct config *cfg, const struct listener_cfg *li,
 /* An empty list allows everyone (allow_from); proxy_from is never empty. */
 static int in_list(const struct cidr *v, size_t n, const struct sockaddr_storage *peer)
 {
-    if (n == 0)
-        return 1;
-    for (size_t i = 0; i < n; i++)
-        if (cidr_match(&v[i], peer))
-            return 1;
-    return 0;
+    return n == 0 || cidr_list_match(v, n, peer);
 }
 
 static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)

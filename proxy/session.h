@@ -228,6 +228,10 @@ void conn_pool_trim(void);
 void client_start(struct session *s);
 /* Returns 1 if it made progress. */
 int client_step(struct session *s);
+/* Counts a refused command; past max_errors the session ends with 421. */
+void client_count_error(struct session *s);
+/* Our answer to a client's own XCLIENT (only the proxy may send one). */
+#define R_NO_XCLIENT "550 5.7.1 XCLIENT is not accepted from clients\r\n"
 /* Called when the client conn's deadline fires. */
 void client_timeout(struct session *s);
 /* Whether the session wants bytes from the client now. */

@@ -13,9 +13,8 @@
 
 #include "log.h"
 
-#define R_IDLE       "421 4.4.2 Idle timeout, closing connection\r\n"
-#define R_NO_XCLIENT "550 5.7.1 XCLIENT is not accepted from clients\r\n"
-#define R_BAD_BDAT   "421 4.7.0 Malformed BDAT command, closing connection\r\n"
+#define R_IDLE     "421 4.4.2 Idle timeout, closing connection\r\n"
+#define R_BAD_BDAT "421 4.7.0 Malformed BDAT command, closing connection\r\n"
 
 /*
  * The command watcher. With `xclient = yes` the upstream trusts XCLIENT
@@ -146,13 +145,8 @@ static int watch_commands(struct session *s)
         conn_consume(c, (uint32_t)(lf - p) + 1);
         conn_queue(c, R_NO_XCLIENT, strlen(R_NO_XCLIENT));
         s->w_hold = WHOLD_NONE;
-        if (++s->errors >= s->cfg->max_errors) {
-            session_end_kind(s, END_ERRORS);
-            session_finish(s, "421 4.7.0 Too many errors, closing connection\r\n",
-                           "too many errors (%u)", s->errors);
-            return -1;
-        }
-        return 1;
+        client_count_error(s);
+        return s->closing == CLOSE_NO ? 1 : -1;
     }
     return 0;
 }

@@ -103,6 +103,16 @@ void upstream_start(struct session *s)
     dial_next(s);
 }
 
+/* Is there a resolved address after the one being tried? */
+static int has_next_address(const struct session *s)
+{
+    const struct addrinfo *ai = s->li->up->ai;
+
+    for (size_t i = 0; ai != NULL && i < s->ai_next; i++)
+        ai = ai->ai_next;
+    return ai != NULL && ai->ai_next != NULL;
+}
+
 /* Closes the current attempt and tries the next resolved address. */
 static void redial(struct session *s, const char *why)
 {
@@ -218,10 +228,7 @@ static int connected(struct session *s)
             s->u.writable = 0;
             return 0;
         }
-        const struct addrinfo *ai = s->li->up->ai;
-        for (size_t i = 0; ai && ai->ai_next && i < s->ai_next; i++)
-            ai = ai->ai_next;
-        if (ai && ai->ai_next) {
+        if (has_next_address(s)) {
             redial(s, strerror(err));
             return 1;
         }
@@ -494,10 +501,7 @@ void upstream_timeout(struct session *s)
     if (s->closing != CLOSE_NO)
         return;
     if (s->uphase == UP_CONNECTING) {
-        const struct addrinfo *ai = s->li->up->ai;
-        for (size_t i = 0; ai && i < s->ai_next; i++)
-            ai = ai->ai_next;
-        if (ai && ai->ai_next) {
+        if (has_next_address(s)) {
             redial(s, "connect timeout");
             return;
         }
