@@ -590,7 +590,7 @@ def assert_healthy(d, certs, fd_base=None, full=True, listener=None):
     assert d.alive(), "daemon died (rc=%s); stderr tail:\n%s" % (
         d.proc.returncode, d.log()[-3000:])
     if fd_base is not None:
-        n = wait_fds(d.proc.pid, fd_base, timeout=5)
+        n = wait_fds(d.proc.pid, fd_base, timeout=10)
         assert n <= fd_base, "daemon holds %d fds, baseline %d: %s" % (
             n, fd_base, sorted(os.listdir("/proc/%d/fd" % d.proc.pid)))
     if full:
@@ -605,6 +605,6 @@ def assert_healthy(d, certs, fd_base=None, full=True, listener=None):
             assert c.cmd("EHLO after-attack.test").code == 250
             assert c.cmd("QUIT").code == 221
     if fd_base is not None:
-        n = wait_fds(d.proc.pid, fd_base, timeout=5)
+        n = wait_fds(d.proc.pid, fd_base, timeout=10)
         assert n <= fd_base, "daemon holds %d fds after a normal session, baseline %d" % (
             n, fd_base)

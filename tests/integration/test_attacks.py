@@ -143,7 +143,7 @@ def session_ends(d):
     return d.events("session_end")
 
 
-def wait_session_end(d, n, timeout=5.0):
+def wait_session_end(d, n, timeout=10.0):
     deadline = time.monotonic() + timeout * TF
     while time.monotonic() < deadline:
         ev = session_ends(d)
@@ -635,7 +635,7 @@ def test_client_rst_at_each_phase(scripted_bridge, certs, phase):
         assert up.connection_count == 0
     else:
         conn = up.conn(0)
-        wait_until(lambda: conn.closed_by_peer or conn.done.is_set(), 5,
+        wait_until(lambda: conn.closed_by_peer or conn.done.is_set(), 10,
                    "the proxy to close its upstream connection")
         if phase == "upstream-dialogue":
             assert conn.all_bytes == b"", conn          # nothing was sent upstream
