@@ -27,6 +27,7 @@
 struct reader {
     const char *p;
     int line;
+    int cont_ok; /* the previous line was key = value (or its continuation) */
 };
 
 struct parse {
@@ -87,7 +88,10 @@ static char *reader(char *str, int num, void *stream)
     /* Whatever we reject is handed to inih as a comment, so that it neither
      * misparses the rest of a long line nor stops at the first error. */
     if (content > MAX_LINE || len > (size_t)num - 1) {
-        perr(p, r->line, "line longer than %d characters", MAX_LINE);
+        perr(p, r->line,
+             "line longer than %d characters (a list can go on: repeat the key, or continue "
+             "on an indented line)",
+             MAX_LINE);
         goto comment;
     }
     memcpy(str, r->p, len);
@@ -95,8 +99,15 @@ static char *reader(char *str, int num, void *stream)
     r->p += len;
     for (c = str; *c == ' ' || *c == '\t'; c++)
         ;
-    if (*c == '\0' || *c == '\n' || *c == '\r' || *c == ';' || *c == '#')
+    if (*c == '\0' || *c == '\n' || *c == '\r' || *c == ';' || *c == '#') {
+        r->cont_ok = 0;
         return str;
+    }
+    /* An indented line right after a key = value line continues its value
+     * (inih hands it to the handler as the same key again). */
+    if (c > str && r->cont_ok)
+        return str;
+    r->cont_ok = 0;
     if (*c == '[') {
         /* Section headers are handled here rather than in the handler, so
          * that an empty section, or one repeated right after itself, is seen. */
@@ -114,6 +125,7 @@ static char *reader(char *str, int num, void *stream)
         perr(p, r->line, "syntax error: expected 'key = value', '[section]' or a comment");
         goto comment_consumed;
     }
+    r->cont_ok = 1;
     return str;
 comment:
     r->p += len;
@@ -419,7 +431,22 @@ static void set_str(char **dst, const char *v)
     *dst = xstrdup(v);
 }
 
-enum key_kind { K_STR, K_BOOL, K_DURATION, K_UINT, K_SIZE, K_TLSVER, K_LIST, K_LEVEL, K_ENUM };
+/* K_STRLIST: a comma-separated string that more lines may extend -- the key
+ * repeated, or an indented continuation line (inih passes it as the same
+ * key again): lines are limited to 197 characters and lists of file paths
+ * are long. */
+enum key_kind {
+    K_STR,
+    K_BOOL,
+    K_DURATION,
+    K_UINT,
+    K_SIZE,
+    K_TLSVER,
+    K_LIST,
+    K_LEVEL,
+    K_ENUM,
+    K_STRLIST
+};
 
 /* What a bad value of each kind should have looked like. */
 static const char *const kind_help[] = {
@@ -432,6 +459,7 @@ static const char *const kind_help[] = {
     [K_LIST] = "a list",
     [K_LEVEL] = "debug, info, warning or error",
     [K_ENUM] = "one of the allowed words",
+    [K_STRLIST] = "a list",
 };
 
 struct keydef {
@@ -473,7 +501,7 @@ static const struct keydef global_keys[] = {
 };
 
 static const struct keydef upstream_keys[] = {
-    {"address", K_STR, U(address), 0, NULL},
+    {"address", K_STRLIST, U(address), 0, NULL},
     {"tls", K_ENUM, U(tls), 0, tls_words},
     {"server_name", K_STR, U(server_name), 0, NULL},
     {"ca_file", K_STR, U(ca_file), 0, NULL},
@@ -491,8 +519,8 @@ static const struct keydef upstream_keys[] = {
 static const struct keydef listener_keys[] = {
     {"listen", K_LIST, 0, 0, NULL},
     {"mode", K_ENUM, L(mode), 0, mode_words},
-    {"cert", K_STR, L(cert), 0, NULL},
-    {"key", K_STR, L(key), 0, NULL},
+    {"cert", K_STRLIST, L(cert), 0, NULL},
+    {"key", K_STRLIST, L(key), 0, NULL},
     {"min_tls", K_TLSVER, L(min_tls), 0, NULL},
     {"allow_plaintext_from", K_LIST, 0, 0, NULL},
     {"allow_from", K_LIST, 0, 0, NULL},
@@ -518,6 +546,20 @@ static int set_key(struct parse *p, const struct keydef *k, char *base, const ch
         if (*v == '\0')
             return -1;
         set_str(field, v);
+        return 0;
+    case K_STRLIST:
+        if (*v == '\0')
+            return -1;
+        if (*(char **)field == NULL) {
+            set_str(field, v);
+        } else {
+            char **f = field;
+            size_t ol = strlen(*f), vl = strlen(v);
+            char *n = xrealloc(*f, ol + vl + 3, 1);
+            memcpy(n + ol, ", ", 2);
+            memcpy(n + ol + 2, v, vl + 1);
+            *f = n;
+        }
         return 0;
     case K_BOOL:
         return parse_bool(v, field);
@@ -678,7 +720,7 @@ static int handler(void *user, const char *section, const char *name, const char
     for (size_t i = 0; keys[i].name; i++) {
         if (strcmp(keys[i].name, name) != 0)
             continue;
-        if ((p->seen & (1ULL << i)) && keys[i].kind != K_LIST) {
+        if ((p->seen & (1ULL << i)) && keys[i].kind != K_LIST && keys[i].kind != K_STRLIST) {
             perr(p, p->rd.line, "[%s] key '%s': set twice in this section", section, name);
             return 1;
         }
@@ -715,6 +757,115 @@ static int key_at(const int *lines, const struct keydef *keys, const char *name,
 #define G_AT(k) key_at(cfg->key_line, global_keys, (k), 0)
 #define U_AT(k) key_at(u->key_line, upstream_keys, (k), u->line)
 #define L_AT(k) key_at(li->key_line, listener_keys, (k), li->line)
+
+/* Splits a comma-separated value into trimmed, non-empty, malloc'd items. */
+static size_t split_commas(const char *v, char ***items)
+{
+    char *copy = xstrdup(v), *save = NULL, *item;
+    size_t n = 0;
+
+    *items = NULL;
+    for (item = strtok_r(copy, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+        while (*item == ' ' || *item == '\t')
+            item++;
+        size_t l = strlen(item);
+        while (l > 0 && (item[l - 1] == ' ' || item[l - 1] == '\t'))
+            item[--l] = '\0';
+        if (l == 0)
+            continue;
+        *items = xrealloc(*items, n + 1, sizeof(char *));
+        (*items)[n++] = xstrdup(item);
+    }
+    free(copy);
+    return n;
+}
+
+static void free_list(char **items, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(items[i]);
+    free(items);
+}
+
+/*
+ * address = host:port[, host:port ...]: the upstream's addresses in the order
+ * they are tried. Each one's certificate must carry server_name if that is
+ * set, else the address's own host name (a backup MX usually has its own).
+ */
+static void parse_addresses(struct parse *p, struct upstream_cfg *u, const char *sec)
+{
+    char **items;
+    size_t n = split_commas(u->address, &items);
+
+    for (size_t i = 0; i < n; i++) {
+        struct upstream_addr a = {0};
+        if (config_split_hostport(items[i], &a.host, &a.port) == -1) {
+            perr(p, U_AT("address"), "[%s] key 'address': '%s' is not host:port or [v6]:port", sec,
+                 items[i]);
+            continue;
+        }
+        if (u->naddrs == UPSTREAM_MAX_ADDRS) {
+            perr(p, U_AT("address"), "[%s] key 'address': more than %d addresses", sec,
+                 UPSTREAM_MAX_ADDRS);
+            free(a.host);
+            free(a.port);
+            break;
+        }
+        a.spec = xstrdup(items[i]);
+        a.server_name = xstrdup(u->server_name ? u->server_name : a.host);
+        u->addrs = xrealloc(u->addrs, u->naddrs + 1, sizeof(*u->addrs));
+        u->addrs[u->naddrs++] = a;
+    }
+    if (n == 0)
+        perr(p, U_AT("address"), "[%s] key 'address': no address given", sec);
+    free_list(items, n);
+    /* Logs quote nothing in upstream=...: the list, normalised, has no blank. */
+    if (u->naddrs > 0) {
+        size_t len = 0;
+        for (size_t i = 0; i < u->naddrs; i++)
+            len += strlen(u->addrs[i].spec) + 1;
+        free(u->address);
+        u->address = xrealloc(NULL, len, 1);
+        u->address[0] = '\0';
+        for (size_t i = 0; i < u->naddrs; i++) {
+            if (i)
+                strcat(u->address, ",");
+            strcat(u->address, u->addrs[i].spec);
+        }
+    }
+}
+
+static void check_readable(struct parse *p, int line, const char *section, const char *key,
+                           const char *path);
+
+/*
+ * cert = a.pem[, b.pem ...] and key = a.key[, b.key ...]: pairs, the first
+ * the default; the others are chosen by the name a client asks for (SNI).
+ */
+static void parse_certs(struct parse *p, struct listener_cfg *li, const char *sec)
+{
+    char **keys;
+    size_t nkeys;
+
+    li->ncerts = split_commas(li->cert, &li->certs);
+    nkeys = split_commas(li->key, &keys);
+    if (li->ncerts == 0)
+        perr(p, L_AT("cert"), "[%s] key 'cert': no file given", sec);
+    else if (li->ncerts != nkeys)
+        perr(p, L_AT("key"),
+             "[%s] key 'key': %zu key file(s) for %zu certificate(s) (they go in pairs, in "
+             "the same order)",
+             sec, nkeys, li->ncerts);
+    else if (li->ncerts > LISTENER_MAX_CERTS)
+        perr(p, L_AT("cert"), "[%s] key 'cert': more than %d certificates", sec,
+             LISTENER_MAX_CERTS);
+    li->keys = keys;
+    for (size_t i = 0; i < li->ncerts; i++)
+        check_readable(p, L_AT("cert"), sec, "cert", li->certs[i]);
+    for (size_t i = 0; i < nkeys; i++)
+        check_readable(p, L_AT("key"), sec, "key", keys[i]);
+    li->nkeys = nkeys;
+}
 
 static void check_readable(struct parse *p, int line, const char *section, const char *key,
                            const char *path)
@@ -763,14 +914,10 @@ static void validate(struct parse *p)
     for (size_t i = 0; i < cfg->nupstreams; i++) {
         struct upstream_cfg *u = &cfg->upstreams[i];
         snprintf(sec, sizeof(sec), "upstream%s%s", u->name[0] ? " " : "", u->name);
-        if (u->address == NULL) {
+        if (u->address == NULL)
             perr(p, u->line, "[%s]: missing required key 'address'", sec);
-        } else if (config_split_hostport(u->address, &u->host, &u->port) == -1) {
-            perr(p, U_AT("address"), "[%s] key 'address': '%s' is not host:port or [v6]:port", sec,
-                 u->address);
-        }
-        if (u->server_name == NULL && u->host != NULL)
-            u->server_name = xstrdup(u->host);
+        else
+            parse_addresses(p, u, sec);
         if (u->ca_file == NULL)
             u->ca_file = xstrdup("/etc/ssl/certs/ca-certificates.crt");
         if (u->min_tls < TLS_V12)
@@ -796,8 +943,8 @@ static void validate(struct parse *p)
             perr(p, li->line, "[%s]: missing required key 'cert'", sec);
         if (li->key == NULL)
             perr(p, li->line, "[%s]: missing required key 'key'", sec);
-        check_readable(p, L_AT("cert"), sec, "cert", li->cert);
-        check_readable(p, L_AT("key"), sec, "key", li->key);
+        if (li->cert != NULL && li->key != NULL)
+            parse_certs(p, li, sec);
         if (!li->require_auth && li->nallow_from == 0)
             perr(p, L_AT("require_auth"),
                  "[%s] key 'require_auth': 'no' needs 'allow_from' networks (the listener "
@@ -943,8 +1090,13 @@ void config_free(struct config *cfg)
         struct upstream_cfg *u = &cfg->upstreams[i];
         free(u->name);
         free(u->address);
-        free(u->host);
-        free(u->port);
+        for (size_t j = 0; j < u->naddrs; j++) {
+            free(u->addrs[j].spec);
+            free(u->addrs[j].host);
+            free(u->addrs[j].port);
+            free(u->addrs[j].server_name);
+        }
+        free(u->addrs);
         free(u->server_name);
         free(u->ca_file);
         free(u->cert);
@@ -958,6 +1110,8 @@ void config_free(struct config *cfg)
         free(li->listen);
         free(li->cert);
         free(li->key);
+        free_list(li->certs, li->ncerts);
+        free_list(li->keys, li->nkeys);
         free(li->allow);
         free(li->allow_from);
         free(li->proxy_from);
@@ -1029,8 +1183,14 @@ void config_dump(const struct config *cfg, FILE *out)
             cfg->command_timeout, cfg->idle_timeout, cfg->drain_timeout, cfg->max_errors);
     for (size_t i = 0; i < cfg->nupstreams; i++) {
         const struct upstream_cfg *u = &cfg->upstreams[i];
-        fprintf(out, "\n[upstream%s%s]\naddress = %s\ntls = %s\nserver_name = %s\n",
-                u->name[0] ? " " : "", u->name, u->address, tls_words[u->tls], u->server_name);
+        fprintf(out, "\n[upstream%s%s]\naddress = ", u->name[0] ? " " : "", u->name);
+        for (size_t j = 0; j < u->naddrs; j++)
+            fprintf(out, "%s%s", j ? ", " : "", u->addrs[j].spec);
+        fprintf(out, "\ntls = %s\n", tls_words[u->tls]);
+        if (u->server_name || u->naddrs == 1)
+            fprintf(out, "server_name = %s\n", u->addrs[0].server_name);
+        else
+            fprintf(out, "# server_name: unset, each address's host name is checked\n");
         fprintf(out, "ca_file = %s\nverify = %s\n", u->ca_file, u->verify ? "yes" : "no");
         if (u->cert)
             fprintf(out, "cert = %s\nkey = %s\n", u->cert, u->key);

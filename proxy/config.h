@@ -33,14 +33,28 @@ struct cidr {
     unsigned bits;
 };
 
-struct upstream_cfg {
-    char *name; /* "" for the default [upstream] */
-    int line;   /* line of the section header */
-    char *address;
-    char *host; /* host part of address (brackets removed) */
+/* One entry of an upstream's address list. */
+struct upstream_addr {
+    char *spec; /* "host:port" as written */
+    char *host; /* brackets removed */
     char *port;
+    char *server_name; /* the name its certificate must carry (server_name, else host) */
+};
+
+/* Most certificate/key pairs one listener may have. */
+#define LISTENER_MAX_CERTS 64
+
+/* Most addresses one upstream may list. */
+#define UPSTREAM_MAX_ADDRS 16
+
+struct upstream_cfg {
+    char *name;                  /* "" for the default [upstream] */
+    int line;                    /* line of the section header */
+    char *address;               /* as written: one or more "host:port", comma-separated */
+    struct upstream_addr *addrs; /* tried in this order (failover) */
+    size_t naddrs;
     enum upstream_tls tls;
-    char *server_name;
+    char *server_name; /* as set, or NULL: each address's own host */
     char *ca_file;
     int verify;
     char *cert, *key;
@@ -57,7 +71,9 @@ struct listener_cfg {
     char **listen; /* "host:port" strings as written */
     size_t nlisten;
     enum listener_mode mode;
-    char *cert, *key;
+    char *cert, *key;     /* as written: comma-separated lists */
+    char **certs, **keys; /* pairs; the first is the default, the others go by SNI */
+    size_t ncerts, nkeys;
     int min_tls;
     struct cidr *allow; /* allow_plaintext_from */
     size_t nallow;

@@ -28,24 +28,86 @@ static int paused;
 #define RESOLVE_EVERY 60.0
 #define RESOLVE_RETRY 5.0
 
-static int resolve(struct upstream_rt *up)
+/* Appends one name's getaddrinfo results to a target list. */
+static int add_targets(struct upstream_target **v, size_t *n, const struct addrinfo *ai,
+                       unsigned addr)
 {
-    struct addrinfo *res = NULL;
-    int rc;
-
-    memset(&up->hints, 0, sizeof(up->hints));
-    up->hints.ai_socktype = SOCK_STREAM;
-    up->hints.ai_protocol = IPPROTO_TCP;
-    rc = getaddrinfo(up->cfg->host, up->cfg->port, &up->hints, &res);
-    if (rc != 0) {
-        snprintf(up->resolve_err, sizeof(up->resolve_err), "%s", gai_strerror(rc));
-        return -1;
+    for (; ai; ai = ai->ai_next) {
+        struct upstream_target *nv;
+        if (ai->ai_addrlen > sizeof(nv->sa))
+            continue;
+        nv = realloc(*v, (*n + 1) * sizeof(**v));
+        if (nv == NULL)
+            return -1;
+        *v = nv;
+        memset(&nv[*n], 0, sizeof(nv[*n]));
+        memcpy(&nv[*n].sa, ai->ai_addr, ai->ai_addrlen);
+        nv[*n].salen = ai->ai_addrlen;
+        nv[*n].addr = addr;
+        (*n)++;
     }
-    up->ai = res;
     return 0;
 }
 
-static void free_ai(struct upstream_rt *up);
+/* Appends the targets of `from` that came from address `addr`. */
+static int keep_targets(struct upstream_target **v, size_t *n, const struct upstream_target *from,
+                        size_t nfrom, unsigned addr, unsigned new_addr)
+{
+    for (size_t i = 0; i < nfrom; i++) {
+        struct upstream_target *nv;
+        if (from[i].addr != addr)
+            continue;
+        nv = realloc(*v, (*n + 1) * sizeof(**v));
+        if (nv == NULL)
+            return -1;
+        *v = nv;
+        nv[*n] = from[i];
+        nv[*n].addr = new_addr;
+        (*n)++;
+    }
+    return 0;
+}
+
+static void set_hints(struct upstream_rt *up)
+{
+    memset(&up->hints, 0, sizeof(up->hints));
+    up->hints.ai_socktype = SOCK_STREAM;
+    up->hints.ai_protocol = IPPROTO_TCP;
+}
+
+/* Adds "host: error" to the upstream's last resolution error. */
+static void note_resolve_error(struct upstream_rt *up, const char *host, int rc)
+{
+    size_t o = strlen(up->resolve_err);
+
+    if (o + 1 < sizeof(up->resolve_err))
+        snprintf(up->resolve_err + o, sizeof(up->resolve_err) - o, "%s%s: %s", o ? "; " : "", host,
+                 gai_strerror(rc));
+}
+
+/* Blocking resolution of every name: only at the first start, before the
+ * daemon serves anyone. A name that fails is a warning (it may come up). */
+static void resolve_now(struct upstream_rt *up)
+{
+    const struct upstream_cfg *u = up->cfg;
+
+    set_hints(up);
+    up->resolve_err[0] = '\0';
+    for (size_t i = 0; i < u->naddrs; i++) {
+        struct addrinfo *res = NULL;
+        int rc = getaddrinfo(u->addrs[i].host, u->addrs[i].port, &up->hints, &res);
+        if (rc != 0) {
+            note_resolve_error(up, u->addrs[i].host, rc);
+            log_msg(LOG_LVL_WARNING, 0, "event=resolve_failed upstream=%s error=\"%s\"%s",
+                    u->addrs[i].spec, gai_strerror(rc),
+                    u->naddrs > 1 ? " (the other addresses are tried)"
+                                  : " (sessions will get 421)");
+            continue;
+        }
+        add_targets(&up->targets, &up->ntargets, res, (unsigned)i);
+        freeaddrinfo(res);
+    }
+}
 
 static void resolved_thread(union sigval sv)
 {
@@ -57,48 +119,69 @@ static void resolved_thread(union sigval sv)
 static void resolved_cb(struct ev_loop *loop, ev_async *w, int revents)
 {
     struct upstream_rt *up = w->data;
-    int rc = gai_error(&up->gai);
+    const struct upstream_cfg *u = up->cfg;
+    struct upstream_target *v = NULL;
+    size_t n = 0;
+    int had = up->ntargets > 0;
 
     (void)loop;
     (void)revents;
-    if (rc == EAI_INPROGRESS)
-        return;
+    for (size_t i = 0; i < u->naddrs; i++)
+        if (gai_error(&up->gai[i]) == EAI_INPROGRESS)
+            return;
     up->busy = 0;
-    if (rc == 0 && up->gai.ar_result != NULL) {
-        if (up->ai == NULL)
-            log_msg(LOG_LVL_INFO, 0, "event=resolved upstream=%s", up->cfg->address);
-        free_ai(up);
-        up->ai = up->gai.ar_result;
-        up->gai.ar_result = NULL;
-        up->resolve_err[0] = '\0';
-    } else {
-        /* Keep the addresses we had: a DNS hiccup must not stop mail. */
-        snprintf(up->resolve_err, sizeof(up->resolve_err), "%s", gai_strerror(rc));
-        log_msg(LOG_LVL_WARNING, 0, "event=resolve_failed upstream=%s error=\"%s\"%s",
-                up->cfg->address, up->resolve_err,
-                up->ai ? " (keeping the previous addresses)" : "");
+    up->resolve_err[0] = '\0';
+    for (size_t i = 0; i < u->naddrs; i++) {
+        int rc = gai_error(&up->gai[i]);
+        if (rc == 0 && up->gai[i].ar_result != NULL) {
+            add_targets(&v, &n, up->gai[i].ar_result, (unsigned)i);
+        } else {
+            /* Keep what we had: a DNS hiccup must not stop mail. */
+            size_t kept = n;
+            keep_targets(&v, &n, up->targets, up->ntargets, (unsigned)i, (unsigned)i);
+            note_resolve_error(up, u->addrs[i].host, rc);
+            log_msg(LOG_LVL_WARNING, 0, "event=resolve_failed upstream=%s error=\"%s\"%s",
+                    u->addrs[i].spec, gai_strerror(rc),
+                    kept < n ? " (keeping the previous addresses)" : "");
+        }
+        if (up->gai[i].ar_result)
+            freeaddrinfo(up->gai[i].ar_result);
+        up->gai[i].ar_result = NULL;
     }
+    free(up->targets);
+    up->targets = v;
+    up->ntargets = n;
+    if (!had && n > 0)
+        log_msg(LOG_LVL_INFO, 0, "event=resolved upstream=%s addresses=%zu", u->address, n);
     ev_timer_stop(EV_DEFAULT, &up->refresh);
-    ev_timer_set(&up->refresh, up->ai ? RESOLVE_EVERY : RESOLVE_RETRY, 0.);
+    ev_timer_set(&up->refresh, n ? RESOLVE_EVERY : RESOLVE_RETRY, 0.);
     ev_timer_start(EV_DEFAULT, &up->refresh);
+    /* Sessions that arrived before the first answer go on (or fail) now. */
+    session_upstream_resolved(up);
 }
 
 void upstream_rt_refresh(struct upstream_rt *up)
 {
-    struct gaicb *list[1] = {&up->gai};
+    struct gaicb *list[UPSTREAM_MAX_ADDRS];
+    const struct upstream_cfg *u = up->cfg;
     struct sigevent sev;
 
     if (up->busy || !ev_is_active(&up->resolved))
         return;
-    memset(&up->gai, 0, sizeof(up->gai));
-    up->gai.ar_name = up->cfg->host;
-    up->gai.ar_service = up->cfg->port;
-    up->gai.ar_request = &up->hints;
+    set_hints(up);
+    for (size_t i = 0; i < u->naddrs; i++) {
+        memset(&up->gai[i], 0, sizeof(up->gai[i]));
+        up->gai[i].ar_name = u->addrs[i].host;
+        up->gai[i].ar_service = u->addrs[i].port;
+        up->gai[i].ar_request = &up->hints;
+        list[i] = &up->gai[i];
+    }
     memset(&sev, 0, sizeof(sev));
     sev.sigev_notify = SIGEV_THREAD;
     sev.sigev_notify_function = resolved_thread;
     sev.sigev_value.sival_ptr = up;
-    if (getaddrinfo_a(GAI_NOWAIT, list, 1, &sev) == 0)
+    /* One notification once every request of the list has completed. */
+    if (getaddrinfo_a(GAI_NOWAIT, list, (int)u->naddrs, &sev) == 0)
         up->busy = 1;
 }
 
@@ -109,18 +192,23 @@ static void refresh_cb(struct ev_loop *loop, ev_timer *w, int revents)
     upstream_rt_refresh(w->data);
 }
 
-/* Waits for a lookup still in flight (at shutdown or reload only). */
+/* Waits for lookups still in flight (at shutdown or reload only). */
 static void resolver_stop(struct upstream_rt *up)
 {
-    const struct gaicb *list[1] = {&up->gai};
+    const struct gaicb *list[UPSTREAM_MAX_ADDRS];
+    size_t n = up->cfg ? up->cfg->naddrs : 0;
 
     ev_async_stop(EV_DEFAULT, &up->resolved);
     ev_timer_stop(EV_DEFAULT, &up->refresh);
-    if (up->busy && gai_cancel(&up->gai) != EAI_CANCELED)
-        while (gai_error(&up->gai) == EAI_INPROGRESS)
-            gai_suspend(list, 1, NULL);
-    if (up->busy && up->gai.ar_result)
-        freeaddrinfo(up->gai.ar_result);
+    for (size_t i = 0; up->busy && i < n; i++) {
+        list[0] = &up->gai[i];
+        if (gai_cancel(&up->gai[i]) != EAI_CANCELED)
+            while (gai_error(&up->gai[i]) == EAI_INPROGRESS)
+                gai_suspend(list, 1, NULL);
+        if (up->gai[i].ar_result)
+            freeaddrinfo(up->gai[i].ar_result);
+        up->gai[i].ar_result = NULL;
+    }
     up->busy = 0;
 }
 
@@ -182,43 +270,33 @@ static int *old_fd(struct runtime *old, const char *spec)
     return NULL;
 }
 
-/* A copy of the old runtime's addresses for the same host and port, so a
- * reload does not block the loop on DNS for an unchanged upstream. */
-static struct addrinfo *copy_ai(const struct addrinfo *ai)
+/*
+ * A reload copies the addresses of every name the running runtime already
+ * resolved (same host and port), so it never waits for DNS; a name it does
+ * not know is resolved in the background as soon as the new runtime starts
+ * (sessions that need it wait for the answer, up to connect_timeout).
+ */
+static void reuse_targets(struct upstream_rt *up, const struct runtime *old)
 {
-    struct addrinfo *head = NULL, **tail = &head;
+    const struct upstream_cfg *u = up->cfg;
 
-    for (; ai; ai = ai->ai_next) {
-        struct addrinfo *n = calloc(1, sizeof(*n) + ai->ai_addrlen);
-        if (n == NULL)
-            break;
-        *n = *ai;
-        n->ai_addr = (struct sockaddr *)(n + 1);
-        memcpy(n->ai_addr, ai->ai_addr, ai->ai_addrlen);
-        n->ai_canonname = NULL;
-        n->ai_next = NULL;
-        *tail = n;
-        tail = &n->ai_next;
-    }
-    return head;
-}
-
-static void free_ai(struct upstream_rt *up)
-{
-    struct addrinfo *n;
-
-    if (!up->ai_copied) {
-        if (up->ai)
-            freeaddrinfo(up->ai);
-    } else {
-        while (up->ai) {
-            n = up->ai->ai_next;
-            free(up->ai);
-            up->ai = n;
+    for (size_t i = 0; i < u->naddrs; i++) {
+        int found = 0;
+        for (size_t j = 0; j < old->nups && !found; j++) {
+            const struct upstream_rt *o = &old->ups[j];
+            for (size_t k = 0; k < o->cfg->naddrs && !found; k++) {
+                if (strcmp(o->cfg->addrs[k].host, u->addrs[i].host) != 0 ||
+                    strcmp(o->cfg->addrs[k].port, u->addrs[i].port) != 0)
+                    continue;
+                size_t before = up->ntargets;
+                keep_targets(&up->targets, &up->ntargets, o->targets, o->ntargets, (unsigned)k,
+                             (unsigned)i);
+                found = up->ntargets > before;
+            }
         }
+        if (!found)
+            up->stale = 1;
     }
-    up->ai = NULL;
-    up->ai_copied = 0;
 }
 
 struct runtime *runtime_build(struct config *cfg, int bind_sockets, struct runtime *old)
@@ -252,19 +330,10 @@ struct runtime *runtime_build(struct config *cfg, int bind_sockets, struct runti
                 failed = 1;
             }
         }
-        for (size_t j = 0; old && j < old->nups; j++) {
-            const struct upstream_cfg *o = old->ups[j].cfg;
-            if (old->ups[j].ai && strcmp(o->host, up->cfg->host) == 0 &&
-                strcmp(o->port, up->cfg->port) == 0) {
-                up->ai = copy_ai(old->ups[j].ai);
-                up->ai_copied = up->ai != NULL;
-                break;
-            }
-        }
-        if (up->ai == NULL && resolve(up) == -1)
-            log_msg(LOG_LVL_WARNING, 0,
-                    "event=resolve_failed upstream=%s error=\"%s\" (sessions will get 421)",
-                    up->cfg->address, up->resolve_err);
+        if (old == NULL)
+            resolve_now(up);
+        else
+            reuse_targets(up, old);
     }
     for (size_t i = 0; i < rt->nlis; i++) {
         struct listener *li = &rt->lis[i];
@@ -273,8 +342,18 @@ struct runtime *runtime_build(struct config *cfg, int bind_sockets, struct runti
         for (size_t j = 0; j < rt->nups; j++)
             if (rt->ups[j].cfg == li->cfg->upstream)
                 li->up = &rt->ups[j];
-        li->ctx = tls_server_ctx(li->cfg, err, sizeof(err));
-        if (li->ctx == NULL) {
+        li->ctxs = calloc(li->cfg->ncerts, sizeof(*li->ctxs));
+        if (li->ctxs == NULL) {
+            failed = 1;
+            continue;
+        }
+        err[0] = '\0';
+        for (size_t j = 0; j < li->cfg->ncerts && err[0] == '\0'; j++)
+            li->ctxs[j] = tls_server_ctx(li->cfg, j, err, sizeof(err));
+        li->ctx = li->ctxs[0];
+        if (err[0] == '\0' && li->cfg->ncerts > 1)
+            li->sni = tls_sni_new(li->cfg, li->ctxs, err, sizeof(err));
+        if (err[0] != '\0') {
             /* The message names the key: cite its line. */
             const char *k = strstr(err, "key 'key'") ? "key"
                             : strstr(err, "min_tls") ? "min_tls"
@@ -341,16 +420,20 @@ void runtime_unref(struct runtime *rt)
         free(li->specs);
         free(li->steal);
         free(li->watchers);
-        if (li->ctx)
-            wolfSSL_CTX_free(li->ctx);
+        tls_sni_free(li->sni);
+        for (size_t j = 0; li->ctxs && j < li->cfg->ncerts; j++)
+            if (li->ctxs[j])
+                wolfSSL_CTX_free(li->ctxs[j]);
+        free(li->ctxs);
     }
     for (size_t i = 0; i < rt->nups; i++) {
         resolver_stop(&rt->ups[i]);
         if (rt->ups[i].ctx)
             wolfSSL_CTX_free(rt->ups[i].ctx);
-        free_ai(&rt->ups[i]);
-        if (rt->ups[i].resume)
-            wolfSSL_SESSION_free(rt->ups[i].resume);
+        free(rt->ups[i].targets);
+        for (size_t j = 0; j < UPSTREAM_MAX_ADDRS; j++)
+            if (rt->ups[i].resume[j])
+                wolfSSL_SESSION_free(rt->ups[i].resume[j]);
     }
     free(rt->lis);
     free(rt->ups);
@@ -388,8 +471,11 @@ void listener_start(struct runtime *rt)
         ev_async_start(EV_DEFAULT, &up->resolved);
         ev_init(&up->refresh, refresh_cb);
         up->refresh.data = up;
-        ev_timer_set(&up->refresh, up->ai ? RESOLVE_EVERY : RESOLVE_RETRY, 0.);
+        ev_timer_set(&up->refresh, up->ntargets ? RESOLVE_EVERY : RESOLVE_RETRY, 0.);
         ev_timer_start(EV_DEFAULT, &up->refresh);
+        if (up->stale)
+            upstream_rt_refresh(up);
+        up->stale = 0;
     }
     active = rt;
     ev_init(&resume_timer, resume_cb);

@@ -13,32 +13,46 @@
 #include "config.h"
 #include "tls.h"
 
+/* One resolved address of an upstream. */
+struct upstream_target {
+    struct sockaddr_storage sa;
+    socklen_t salen;
+    unsigned addr; /* which entry of cfg->addrs it came from */
+};
+
 struct upstream_rt {
     const struct upstream_cfg *cfg;
-    WOLFSSL_CTX *ctx;    /* NULL when tls = none */
-    struct addrinfo *ai; /* current addresses; NULL while none are known */
-    int ai_copied;       /* ai was copied from an older runtime (not getaddrinfo's) */
-    char resolve_err[128];
-    /* Re-resolution runs in glibc's resolver thread (getaddrinfo_a), never
-     * in the event loop; the result comes back through an ev_async. */
-    struct gaicb gai;
+    WOLFSSL_CTX *ctx; /* NULL when tls = none */
+    /* Every address the upstream's names resolve to, in the order they are
+     * tried: the configured addresses in order, each name's results in
+     * getaddrinfo's order. Empty while none is known. */
+    struct upstream_target *targets;
+    size_t ntargets;
+    char resolve_err[160];
+    /* Resolution runs in glibc's resolver thread (getaddrinfo_a), never in
+     * the event loop (only the first start resolves before serving); the
+     * result comes back through an ev_async. One request per address. */
+    struct gaicb gai[UPSTREAM_MAX_ADDRS];
     struct addrinfo hints;
     ev_async resolved;
     ev_timer refresh;
     int busy;
-    /* The last resumable TLS session with this upstream: the proxy talks to
+    int stale; /* a name has never been resolved (new in a reload): resolve at start */
+    /* The last resumable TLS session with each address: the proxy talks to
      * the same server all day, and a resumed handshake skips the
      * certificate chain and most of the public-key work. */
-    WOLFSSL_SESSION *resume;
+    WOLFSSL_SESSION *resume[UPSTREAM_MAX_ADDRS];
 };
 
-/* Starts (or hurries) a background re-resolution of the upstream's name. */
+/* Starts (or hurries) a background re-resolution of the upstream's names. */
 void upstream_rt_refresh(struct upstream_rt *up);
 
 struct listener {
     const struct listener_cfg *cfg;
     struct runtime *rt;
-    WOLFSSL_CTX *ctx;
+    WOLFSSL_CTX *ctx;    /* the default certificate's context (ctxs[0]) */
+    WOLFSSL_CTX **ctxs;  /* one per certificate (cfg->certs) */
+    struct tls_sni *sni; /* names -> ctxs, when there are several */
     struct upstream_rt *up;
     size_t nfds;
     int *fds;           /* -1 once handed over to a newer runtime */
@@ -61,8 +75,10 @@ struct runtime {
  * upstream, upstream addresses resolved (a failure there is a warning, not an
  * error: the upstream may come up later), and, if bind_sockets, every listen
  * address bound. With old (a reload), sockets for addresses old already has
- * are taken over from it and resolved addresses of unchanged upstreams are
- * copied; old is changed only if the build succeeds. Takes ownership of cfg.
+ * are taken over from it and the resolved addresses of names old knows are
+ * copied; names new in the reload are resolved in the background once the
+ * runtime starts (never in the loop). old is changed only if the build
+ * succeeds. Takes ownership of cfg.
  * Returns NULL after reporting the problems (cfg freed, old untouched).
  */
 struct runtime *runtime_build(struct config *cfg, int bind_sockets, struct runtime *old);

@@ -294,7 +294,7 @@ static const char *or_dash(const char *v)
 
 static void session_free(struct session *s)
 {
-    char reason[260], user[80] = "-";
+    char reason[260], user[80] = "-", sni[300] = "";
     const struct upstream_cfg *u = s->li->up->cfg;
     double ms = (ev_now(EV_DEFAULT) - s->started) * 1000.0;
 
@@ -303,15 +303,25 @@ static void session_free(struct session *s)
     log_quote(reason, sizeof(reason), s->reason, strlen(s->reason));
     if (s->authed)
         log_quote(user, sizeof(user), s->auth_user, strlen(s->auth_user));
+    if (s->c.ssl != NULL && s->c.tls_up) {
+        /* Known when the listener has several certificates (wolfSSL keeps
+         * the name only for an SNI callback); the client chose it: quoted. */
+        const char *name = wolfSSL_get_servername(s->c.ssl, WOLFSSL_SNI_HOST_NAME);
+        if (name != NULL) {
+            memcpy(sni, " sni=", 5);
+            log_quote(sni + 5, sizeof(sni) - 5, name, strnlen(name, 255));
+        }
+    }
     slog(s, LOG_LVL_INFO,
          "event=session_end client=%s%s%s listener=%s client_tls=%s client_cipher=%s "
-         "upstream=%s upstream_tls=%s upstream_cipher=%s%s user=%s bytes_c2u=%llu "
+         "upstream=%s upstream_tls=%s upstream_cipher=%s%s%s%s user=%s bytes_c2u=%llu "
          "bytes_u2c=%llu duration_ms=%.0f reason=%s",
          s->peer_str, s->via[0] ? " via=" : "", s->via, s->li->cfg->name, or_dash(s->c.tls_version),
-         or_dash(s->c.tls_cipher), s->uphase == UP_IDLE ? "-" : u->address,
+         or_dash(s->c.tls_cipher), s->uphase <= UP_RESOLVING ? "-" : u->addrs[s->up_addr].spec,
          or_dash(s->u.tls_version), or_dash(s->u.tls_cipher),
-         s->up_resumed ? " upstream_resumed=yes" : "", user, (unsigned long long)s->bytes_c2u,
-         (unsigned long long)s->bytes_u2c, ms, reason);
+         s->up_resumed ? " upstream_resumed=yes" : "",
+         s->c.tls_up && wolfSSL_session_reused(s->c.ssl) == 1 ? " client_resumed=yes" : "", sni,
+         user, (unsigned long long)s->bytes_c2u, (unsigned long long)s->bytes_u2c, ms, reason);
     if (s->end == END_UNSET)
         s->end = s->cphase == CP_SPLICE ? END_COMPLETED : END_ABANDONED;
     metrics_session_end(s->m, s->end, s->bytes_c2u, s->bytes_u2c);
@@ -341,6 +351,17 @@ void session_finish_all(const char *reply, const char *reason)
             session_finish(s, reply, "%s", reason);
             session_run(s);
         }
+    }
+}
+
+void session_upstream_resolved(const struct upstream_rt *up)
+{
+    struct session *s = all_sessions, *next;
+
+    for (; s != NULL; s = next) {
+        next = s->next;
+        if (s->uphase == UP_RESOLVING && s->li->up == up && s->closing == CLOSE_NO)
+            session_run(s);
     }
 }
 

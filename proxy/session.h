@@ -74,7 +74,8 @@ enum client_phase {
 };
 
 enum upstream_phase {
-    UP_IDLE, /* not dialled yet */
+    UP_IDLE,      /* not dialled yet */
+    UP_RESOLVING, /* waiting for the first answer about a name new in a reload */
     UP_CONNECTING,
     UP_GREETING,
     UP_EHLO,
@@ -117,7 +118,8 @@ struct session {
     unsigned auth_steps; /* client responses in this AUTH exchange */
     char auth_user[64];  /* for logs only; never the password */
     unsigned errors;
-    size_t ai_next; /* next upstream address to try */
+    size_t target;    /* index of the upstream target being tried (upstream_rt.targets) */
+    unsigned up_addr; /* its entry in the upstream's address list (cfg->addrs) */
     enum close_kind closing;
     enum end_kind end; /* for metrics; first cause wins */
     struct listener_metrics *m;
@@ -155,6 +157,9 @@ int session_new(struct listener *li, int fd, const struct sockaddr_storage *peer
 /* Number of open sessions, in total and for one client address. */
 unsigned session_count(void);
 unsigned session_count_ip(const struct sockaddr_storage *peer);
+
+/* Runs the sessions waiting for this upstream's names to resolve. */
+void session_upstream_resolved(const struct upstream_rt *up);
 
 /* Closes every session at once (shutdown). */
 void session_close_all(const char *reason);

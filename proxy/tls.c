@@ -9,8 +9,13 @@
 #include <string.h>
 #include <strings.h>
 
+#include <sys/random.h>
+#include <time.h>
+
 #include <wolfssl/error-ssl.h>
+#include <wolfssl/wolfcrypt/chacha20_poly1305.h>
 #include <wolfssl/wolfcrypt/error-crypt.h>
+#include <wolfssl/wolfcrypt/sha256.h>
 
 /* TLS 1.3 suites, then TLS 1.2 AEAD suites with forward secrecy. */
 #define CIPHERS_MODERN                                                                             \
@@ -70,30 +75,25 @@ int tls_name_matches(const char *pattern, const char *name)
  */
 static int verify_cb(int preverify, WOLFSSL_X509_STORE_CTX *store)
 {
-    const struct upstream_cfg *u = store->userCtx;
+    const char *name = store->userCtx; /* the name this address must carry */
     char *alt;
     int ok = 0;
 
     if (!preverify)
         return 0;
-    if (store->error_depth != 0 || u == NULL || is_ip_literal(u->server_name))
+    if (store->error_depth != 0 || name == NULL || is_ip_literal(name))
         return 1; /* IP names are checked by wolfSSL against IP SANs */
     if (store->current_cert == NULL)
         return 0;
     name_mismatch = 0;
     while ((alt = wolfSSL_X509_get_next_altname(store->current_cert)) != NULL)
-        if (tls_name_matches(alt, u->server_name))
+        if (tls_name_matches(alt, name))
             ok = 1;
     if (!ok) {
         wolfSSL_X509_STORE_CTX_set_error(store, VERIFY_ERR_NAME_MISMATCH);
         name_mismatch = 1;
     }
     return ok;
-}
-
-int tls_init(void)
-{
-    return wolfSSL_Init() == WOLFSSL_SUCCESS ? 0 : -1;
 }
 
 void tls_cleanup(void)
@@ -253,9 +253,271 @@ out:
     return rc;
 }
 
-WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, char *err, size_t errlen)
+/* ---- session tickets for clients ----
+ *
+ * wolfSSL's default ticket keys are made per context on first use: after
+ * fork every worker would have its own, so a client that comes back on
+ * another worker (SO_REUSEPORT spreads them) could not resume, and a reload
+ * or a certificate picked by SNI (another context) would void every ticket.
+ * Instead every context of every worker encrypts tickets with one key
+ * schedule, derived without any shared state: a random seed made once at
+ * start (before the workers are forked) is ratcheted forward once per hour
+ * (chain' = SHA-256(chain || "ratchet"), key = SHA-256(chain || "key")).
+ * Every process computes the same key for the same hour; the old chain
+ * values are overwritten, so a memory dump today cannot decrypt the
+ * tickets (and resumed sessions) of earlier hours: forward secrecy across
+ * rotations. A ticket is accepted during its own hour and the next.
+ */
+#define TICKET_PERIOD      3600
+#define TICKET_RATCHET_MAX 100000 /* clock jumps: catch up at most this far */
+
+static struct {
+    int ready;
+    uint8_t id[8]; /* this daemon instance (tickets of another one are refused at once) */
+    uint64_t epoch;
+    uint8_t chain[32];
+    uint8_t key[32], prev_key[32];
+    int have_prev;
+} tk;
+
+static void sha256_tag(const uint8_t in[32], const char *tag, uint8_t out[32])
+{
+    uint8_t buf[32 + 16];
+    size_t tl = strlen(tag);
+
+    memcpy(buf, in, 32);
+    memcpy(buf + 32, tag, tl);
+    wc_Sha256Hash(buf, (word32)(32 + tl), out);
+    memset(buf, 0, sizeof(buf));
+}
+
+int tls_ticket_keys_init(void)
+{
+    uint8_t seed[32];
+
+    if (getrandom(seed, sizeof(seed), 0) != (ssize_t)sizeof(seed) ||
+        getrandom(tk.id, sizeof(tk.id), 0) != (ssize_t)sizeof(tk.id))
+        return -1;
+    tk.epoch = (uint64_t)time(NULL) / TICKET_PERIOD;
+    memcpy(tk.chain, seed, sizeof(seed));
+    memset(seed, 0, sizeof(seed));
+    sha256_tag(tk.chain, "key", tk.key);
+    tk.have_prev = 0;
+    tk.ready = 1;
+    return 0;
+}
+
+int tls_init(void)
+{
+    if (wolfSSL_Init() != WOLFSSL_SUCCESS)
+        return -1;
+    return tk.ready ? 0 : tls_ticket_keys_init();
+}
+
+/* Moves the schedule to the current hour. */
+static void ticket_advance(void)
+{
+    uint64_t now = (uint64_t)time(NULL) / TICKET_PERIOD;
+
+    if (now <= tk.epoch)
+        return;
+    if (now - tk.epoch > TICKET_RATCHET_MAX)
+        tk.epoch = now - TICKET_RATCHET_MAX;
+    while (tk.epoch < now) {
+        uint8_t next[32];
+        memcpy(tk.prev_key, tk.key, sizeof(tk.key));
+        sha256_tag(tk.chain, "ratchet", next);
+        memcpy(tk.chain, next, sizeof(next));
+        memset(next, 0, sizeof(next));
+        sha256_tag(tk.chain, "key", tk.key);
+        tk.epoch++;
+    }
+    tk.have_prev = 1;
+}
+
+static void ticket_name(uint64_t epoch, unsigned char name[WOLFSSL_TICKET_NAME_SZ])
+{
+    memcpy(name, tk.id, 8);
+    for (int i = 0; i < 8; i++)
+        name[8 + i] = (unsigned char)(epoch >> (56 - 8 * i));
+}
+
+/* AAD = key name || IV || ticket length, as wolfSSL's own callback does. */
+static int ticket_cb(WOLFSSL *ssl, unsigned char key_name[WOLFSSL_TICKET_NAME_SZ],
+                     unsigned char iv[WOLFSSL_TICKET_IV_SZ],
+                     unsigned char mac[WOLFSSL_TICKET_MAC_SZ], int enc, unsigned char *ticket,
+                     int len, int *out_len, void *arg)
+{
+    unsigned char aad[WOLFSSL_TICKET_NAME_SZ + WOLFSSL_TICKET_IV_SZ + 2];
+    const uint8_t *key = tk.key;
+    int rc = WOLFSSL_TICKET_RET_OK;
+
+    (void)ssl;
+    (void)arg;
+    if (!tk.ready || len < 0)
+        return WOLFSSL_TICKET_RET_FATAL;
+    ticket_advance();
+    if (enc) {
+        ticket_name(tk.epoch, key_name);
+        if (getrandom(iv, CHACHA20_POLY1305_AEAD_IV_SIZE, 0) != CHACHA20_POLY1305_AEAD_IV_SIZE)
+            return WOLFSSL_TICKET_RET_FATAL;
+        memset(iv + CHACHA20_POLY1305_AEAD_IV_SIZE, 0,
+               WOLFSSL_TICKET_IV_SZ - CHACHA20_POLY1305_AEAD_IV_SIZE);
+    } else {
+        unsigned char cur[WOLFSSL_TICKET_NAME_SZ], prev[WOLFSSL_TICKET_NAME_SZ];
+        ticket_name(tk.epoch, cur);
+        ticket_name(tk.epoch - 1, prev);
+        if (memcmp(key_name, cur, sizeof(cur)) == 0)
+            key = tk.key;
+        else if (tk.have_prev && memcmp(key_name, prev, sizeof(prev)) == 0) {
+            key = tk.prev_key;
+            rc = WOLFSSL_TICKET_RET_CREATE; /* TLS 1.2: send a fresh ticket */
+        } else
+            return WOLFSSL_TICKET_RET_REJECT; /* full handshake */
+    }
+    memcpy(aad, key_name, WOLFSSL_TICKET_NAME_SZ);
+    memcpy(aad + WOLFSSL_TICKET_NAME_SZ, iv, WOLFSSL_TICKET_IV_SZ);
+    aad[sizeof(aad) - 2] = (unsigned char)(len >> 8);
+    aad[sizeof(aad) - 1] = (unsigned char)len;
+    if (enc) {
+        memset(mac, 0, WOLFSSL_TICKET_MAC_SZ);
+        if (wc_ChaCha20Poly1305_Encrypt(key, iv, aad, sizeof(aad), ticket, (word32)len, ticket,
+                                        mac) != 0)
+            return WOLFSSL_TICKET_RET_FATAL;
+    } else if (wc_ChaCha20Poly1305_Decrypt(key, iv, aad, sizeof(aad), ticket, (word32)len, mac,
+                                           ticket) != 0) {
+        return WOLFSSL_TICKET_RET_REJECT;
+    }
+    *out_len = len;
+    return rc;
+}
+
+/* ---- certificates chosen by SNI ---- */
+
+struct sni_entry {
+    char *name; /* a DNS name or "*.example.com" from the certificate */
+    WOLFSSL_CTX *ctx;
+};
+
+struct tls_sni {
+    struct sni_entry *v;
+    size_t n;
+    WOLFSSL_CTX *dflt;
+};
+
+/* The names a certificate is for: its DNS subjectAltNames, else its CN. */
+static int add_cert_names(struct tls_sni *t, const char *file, WOLFSSL_CTX *ctx)
+{
+    WOLFSSL_X509 *x = wolfSSL_X509_load_certificate_file(file, WOLFSSL_FILETYPE_PEM);
+    char *alt, cn[256];
+    size_t before = t->n;
+
+    if (x == NULL)
+        return -1;
+    while ((alt = wolfSSL_X509_get_next_altname(x)) != NULL) {
+        struct sni_entry *nv;
+        if (is_ip_literal(alt) || strchr(alt, '@') != NULL)
+            continue;
+        nv = realloc(t->v, (t->n + 1) * sizeof(*nv));
+        if (nv == NULL || (nv[t->n].name = strdup(alt)) == NULL) {
+            if (nv)
+                t->v = nv;
+            wolfSSL_X509_free(x);
+            return -1;
+        }
+        t->v = nv;
+        t->v[t->n++].ctx = ctx;
+    }
+    if (t->n == before &&
+        wolfSSL_X509_NAME_get_text_by_NID(wolfSSL_X509_get_subject_name(x), NID_commonName, cn,
+                                          (int)sizeof(cn)) > 0) {
+        struct sni_entry *nv = realloc(t->v, (t->n + 1) * sizeof(*nv));
+        if (nv == NULL || (nv[t->n].name = strdup(cn)) == NULL) {
+            if (nv)
+                t->v = nv;
+            wolfSSL_X509_free(x);
+            return -1;
+        }
+        t->v = nv;
+        t->v[t->n++].ctx = ctx;
+    }
+    wolfSSL_X509_free(x);
+    return 0;
+}
+
+WOLFSSL_CTX *tls_sni_lookup(const struct tls_sni *t, const char *name)
+{
+    if (name == NULL || *name == '\0')
+        return t->dflt;
+    /* An exact name beats a wildcard; among equals the first listed wins. */
+    for (size_t i = 0; i < t->n; i++)
+        if (t->v[i].name[0] != '*' && strcasecmp(t->v[i].name, name) == 0)
+            return t->v[i].ctx;
+    for (size_t i = 0; i < t->n; i++)
+        if (t->v[i].name[0] == '*' && tls_name_matches(t->v[i].name, name))
+            return t->v[i].ctx;
+    return t->dflt;
+}
+
+/* Called by wolfSSL once the ClientHello's extensions are parsed, before
+ * the cipher suite and the certificate are chosen. */
+static int sni_cb(WOLFSSL *ssl, int *alert, void *arg)
+{
+    const struct tls_sni *t = arg;
+    const char *name = wolfSSL_get_servername(ssl, WOLFSSL_SNI_HOST_NAME);
+    WOLFSSL_CTX *ctx = tls_sni_lookup(t, name);
+
+    (void)alert;
+    if (ctx != t->dflt && wolfSSL_set_SSL_CTX(ssl, ctx) == NULL)
+        return fatal_return;
+    return 0;
+}
+
+struct tls_sni *tls_sni_new(const struct listener_cfg *li, WOLFSSL_CTX *const *ctxs, char *err,
+                            size_t errlen)
+{
+    struct tls_sni *t = calloc(1, sizeof(*t));
+
+    if (t == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    t->dflt = ctxs[0];
+    for (size_t i = 1; i < li->ncerts; i++) {
+        size_t before = t->n;
+        if (add_cert_names(t, li->certs[i], ctxs[i]) == -1) {
+            snprintf(err, errlen, "key 'cert': cannot read the names of '%s'", li->certs[i]);
+            tls_sni_free(t);
+            return NULL;
+        }
+        if (t->n == before) {
+            snprintf(err, errlen,
+                     "key 'cert': '%s' names no host (no DNS subjectAltName, no CN), so no "
+                     "client could select it by SNI",
+                     li->certs[i]);
+            tls_sni_free(t);
+            return NULL;
+        }
+    }
+    wolfSSL_CTX_set_servername_callback(ctxs[0], sni_cb);
+    wolfSSL_CTX_set_servername_arg(ctxs[0], t);
+    return t;
+}
+
+void tls_sni_free(struct tls_sni *t)
+{
+    if (t == NULL)
+        return;
+    for (size_t i = 0; i < t->n; i++)
+        free(t->v[i].name);
+    free(t->v);
+    free(t);
+}
+
+WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, size_t idx, char *err, size_t errlen)
 {
     WOLFSSL_CTX *ctx = wolfSSL_CTX_new(wolfSSLv23_server_method());
+    const char *cert = li->certs[idx], *key = li->keys[idx];
     char e[256];
     int rc;
 
@@ -279,21 +541,26 @@ WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, char *err, size_t err
         snprintf(err, errlen, "cannot set key-share groups");
         goto fail;
     }
-    rc = wolfSSL_CTX_use_certificate_chain_file(ctx, li->cert);
-    if (rc != WOLFSSL_SUCCESS) {
-        err_string(rc, e, sizeof(e));
-        snprintf(err, errlen, "key 'cert': cannot load certificate chain '%s': %s", li->cert, e);
+    if (wolfSSL_CTX_set_TicketEncCb(ctx, ticket_cb) != WOLFSSL_SUCCESS ||
+        wolfSSL_CTX_set_TicketHint(ctx, TICKET_PERIOD) != WOLFSSL_SUCCESS ||
+        wolfSSL_CTX_set_timeout(ctx, TICKET_PERIOD) != WOLFSSL_SUCCESS) {
+        snprintf(err, errlen, "cannot set up session tickets");
         goto fail;
     }
-    rc = wolfSSL_CTX_use_PrivateKey_file(ctx, li->key, WOLFSSL_FILETYPE_PEM);
+    rc = wolfSSL_CTX_use_certificate_chain_file(ctx, cert);
     if (rc != WOLFSSL_SUCCESS) {
         err_string(rc, e, sizeof(e));
-        snprintf(err, errlen, "key 'key': cannot load private key '%s': %s", li->key, e);
+        snprintf(err, errlen, "key 'cert': cannot load certificate chain '%s': %s", cert, e);
+        goto fail;
+    }
+    rc = wolfSSL_CTX_use_PrivateKey_file(ctx, key, WOLFSSL_FILETYPE_PEM);
+    if (rc != WOLFSSL_SUCCESS) {
+        err_string(rc, e, sizeof(e));
+        snprintf(err, errlen, "key 'key': cannot load private key '%s': %s", key, e);
         goto fail;
     }
     if (wolfSSL_CTX_check_private_key(ctx) != WOLFSSL_SUCCESS) {
-        snprintf(err, errlen, "key 'key': '%s' does not match the certificate in '%s'", li->key,
-                 li->cert);
+        snprintf(err, errlen, "key 'key': '%s' does not match the certificate in '%s'", key, cert);
         goto fail;
     }
     err[0] = '\0';
@@ -301,7 +568,7 @@ WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, char *err, size_t err
         snprintf(err, errlen,
                  "keys 'cert'/'key': '%s' and '%s' cannot complete a TLS handshake (does the "
                  "key belong to the certificate?): %s",
-                 li->cert, li->key, e);
+                 cert, key, e);
         goto fail;
     }
     return ctx;
@@ -372,10 +639,9 @@ fail:
     return NULL;
 }
 
-WOLFSSL *tls_client_ssl(WOLFSSL_CTX *ctx, const struct upstream_cfg *u, int fd)
+WOLFSSL *tls_client_ssl(WOLFSSL_CTX *ctx, const struct upstream_cfg *u, const char *name, int fd)
 {
     WOLFSSL *ssl = wolfSSL_new(ctx);
-    const char *name = u->server_name;
 
     if (ssl == NULL)
         return NULL;
@@ -392,7 +658,7 @@ WOLFSSL *tls_client_ssl(WOLFSSL_CTX *ctx, const struct upstream_cfg *u, int fd)
             goto fail;
         if (u->verify && wolfSSL_check_domain_name(ssl, name) != WOLFSSL_SUCCESS)
             goto fail;
-        wolfSSL_SetCertCbCtx(ssl, (void *)u);
+        wolfSSL_SetCertCbCtx(ssl, (void *)name);
     }
     return ssl;
 fail:

@@ -21,12 +21,34 @@ int tls_init(void);
 void tls_cleanup(void);
 
 /*
- * tls_server_ctx(li, err, errlen): a server context for a listener: its
- * certificate chain and key (checked to match), its TLS floor, a modern
- * cipher list (CBC suites only added when the floor is below 1.2).
- * Returns the context, or NULL with err describing the problem.
+ * tls_server_ctx(li, idx, err, errlen): a server context for a listener's
+ * certificate pair idx (li->certs[idx], li->keys[idx]): chain and key
+ * (checked to match by a test handshake), the listener's TLS floor, a
+ * modern cipher list (CBC suites only added when the floor is below 1.2),
+ * session tickets under the shared key schedule. Returns the context, or
+ * NULL with err describing the problem.
  */
-WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, char *err, size_t errlen);
+WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, size_t idx, char *err, size_t errlen);
+
+/*
+ * Several certificates on one listener: ctxs[i] is li's pair i. The table
+ * maps every DNS name (subjectAltName, else CN) of certificates 1..n-1 to
+ * its context and makes ctxs[0] switch to it when a ClientHello's SNI
+ * matches (exact names before wildcards, earlier certificates first);
+ * anything else gets ctxs[0]. Returns NULL with err set on failure.
+ */
+struct tls_sni;
+struct tls_sni *tls_sni_new(const struct listener_cfg *li, WOLFSSL_CTX *const *ctxs, char *err,
+                            size_t errlen);
+WOLFSSL_CTX *tls_sni_lookup(const struct tls_sni *t, const char *name);
+void tls_sni_free(struct tls_sni *t);
+
+/*
+ * The key schedule of client session tickets (see tls.c): made once per
+ * daemon, before workers are forked, so that every worker and every reload
+ * accepts the same tickets. Called by tls_init(). Returns 0 or -1.
+ */
+int tls_ticket_keys_init(void);
 
 /*
  * tls_client_ctx(u, err, errlen): a client context for an upstream: TLS 1.2
@@ -37,11 +59,12 @@ WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, char *err, size_t err
 WOLFSSL_CTX *tls_client_ctx(const struct upstream_cfg *u, char *err, size_t errlen);
 
 /*
- * tls_client_ssl(ctx, u, fd): a new connection object for the upstream with
- * SNI (unless server_name is an IP literal, RFC 6066 3) and the host-name or
- * IP check armed. Returns NULL on failure.
+ * tls_client_ssl(ctx, u, name, fd): a new connection object for one of the
+ * upstream's addresses, whose certificate must carry `name` (a string that
+ * outlives the connection): SNI (unless name is an IP literal, RFC 6066 3)
+ * and the host-name or IP check armed. Returns NULL on failure.
  */
-WOLFSSL *tls_client_ssl(WOLFSSL_CTX *ctx, const struct upstream_cfg *u, int fd);
+WOLFSSL *tls_client_ssl(WOLFSSL_CTX *ctx, const struct upstream_cfg *u, const char *name, int fd);
 
 /*
  * tls_name_matches(pattern, name): RFC 9525 6.3 matching of a certificate's

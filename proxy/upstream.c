@@ -23,10 +23,10 @@
 static const char *stage_name(enum upstream_phase p)
 {
     static const char *const names[] = {
-        [UP_IDLE] = "idle",       [UP_CONNECTING] = "connect", [UP_GREETING] = "greeting",
-        [UP_EHLO] = "ehlo",       [UP_STARTTLS] = "starttls",  [UP_HANDSHAKE] = "tls",
-        [UP_READY] = "ready",     [UP_CLOSED] = "closed",      [UP_XEHLO] = "xclient-ehlo",
-        [UP_XCLIENT] = "xclient",
+        [UP_IDLE] = "idle",          [UP_RESOLVING] = "resolve", [UP_CONNECTING] = "connect",
+        [UP_GREETING] = "greeting",  [UP_EHLO] = "ehlo",         [UP_STARTTLS] = "starttls",
+        [UP_HANDSHAKE] = "tls",      [UP_READY] = "ready",       [UP_CLOSED] = "closed",
+        [UP_XEHLO] = "xclient-ehlo", [UP_XCLIENT] = "xclient",
     };
     return names[p];
 }
@@ -34,6 +34,37 @@ static const char *stage_name(enum upstream_phase p)
 static const struct upstream_cfg *ucfg(const struct session *s)
 {
     return s->li->up->cfg;
+}
+
+/* The address being tried (or last tried). */
+static const struct upstream_addr *uaddr(const struct session *s)
+{
+    return &ucfg(s)->addrs[s->up_addr];
+}
+
+/* Is there a resolved address after the one being tried? */
+static int has_next_address(const struct session *s)
+{
+    return s->target + 1 < s->li->up->ntargets;
+}
+
+static void dial_next(struct session *s);
+
+/* Closes the current attempt and tries the next resolved address. */
+static void redial(struct session *s, const char *why)
+{
+    char q[220];
+
+    log_quote(q, sizeof(q), why, strlen(why));
+    slog(s, LOG_LVL_INFO, "event=upstream_retry upstream=%s stage=%s reason=%s", uaddr(s)->spec,
+         stage_name(s->uphase), q);
+    conn_release(&s->u);
+    s->u.tls_version = s->u.tls_cipher = NULL;
+    s->u.handshaking = s->u.tls_up = 0;
+    s->u.retry_src = WSRC_NONE;
+    s->resume_offered = s->resume_retried = 0;
+    s->target++;
+    dial_next(s);
 }
 
 void upstream_fail(struct session *s, const char *reply, const char *fmt, ...)
@@ -44,10 +75,20 @@ void upstream_fail(struct session *s, const char *reply, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(what, sizeof(what), fmt, ap);
     va_end(ap);
+    /* Failover: an address that does not connect, or connects but does
+     * not greet with 220 (down, overloaded, shutting down), is skipped for
+     * the next one. Nothing has been said to the upstream yet and nothing
+     * from it reached the client, so another server can take over. */
+    if ((s->uphase == UP_CONNECTING || s->uphase == UP_GREETING) && s->closing == CLOSE_NO &&
+        has_next_address(s)) {
+        redial(s, what);
+        return;
+    }
     log_quote(q, sizeof(q), what, strlen(what));
     session_end_kind(s, END_UPSTREAM);
     slog(s, LOG_LVL_WARNING, "event=upstream_failed client=%s upstream=%s stage=%s reason=%s",
-         s->peer_str, ucfg(s)->address, stage_name(s->uphase), q);
+         s->peer_str, s->uphase <= UP_RESOLVING ? ucfg(s)->address : uaddr(s)->spec,
+         stage_name(s->uphase), q);
     session_finish(s, reply ? reply : R_FAILED, "upstream %s failed: %s", stage_name(s->uphase),
                    what);
 }
@@ -55,22 +96,21 @@ void upstream_fail(struct session *s, const char *reply, const char *fmt, ...)
 static void dial_next(struct session *s)
 {
     const struct upstream_rt *up = s->li->up;
-    struct addrinfo *ai = up->ai;
-    size_t i;
     int fd, one = 1;
     char err[128] = "no address";
 
-    for (i = 0; ai != NULL && i < s->ai_next; i++)
-        ai = ai->ai_next;
-    for (; ai != NULL; ai = ai->ai_next, s->ai_next++) {
-        fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    for (; s->target < up->ntargets; s->target++) {
+        const struct upstream_target *t = &up->targets[s->target];
+        s->up_addr = t->addr;
+        fd = socket(t->sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd == -1) {
             snprintf(err, sizeof(err), "socket: %s", strerror(errno));
             continue;
         }
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        if (connect(fd, ai->ai_addr, ai->ai_addrlen) == -1 && errno != EINPROGRESS) {
-            snprintf(err, sizeof(err), "connect: %s", strerror(errno));
+        if (connect(fd, (const struct sockaddr *)&t->sa, t->salen) == -1 && errno != EINPROGRESS) {
+            snprintf(err, sizeof(err), "connect to %s: %s", ucfg(s)->addrs[t->addr].spec,
+                     strerror(errno));
             close(fd);
             continue;
         }
@@ -83,43 +123,41 @@ static void dial_next(struct session *s)
         return;
     }
     s->uphase = UP_CONNECTING;
+    s->target = up->ntargets; /* nothing left to fail over to */
     upstream_fail(s, R_UNREACHABLE, "cannot connect to %s: %s", ucfg(s)->address, err);
+}
+
+/* Dials the first address, or waits for a name still being resolved. */
+static void dial_first(struct session *s)
+{
+    struct upstream_rt *up = s->li->up;
+
+    if (up->ntargets == 0) {
+        if (up->busy && s->uphase == UP_IDLE) {
+            /* A name new in a reload: its first answer is on the way. */
+            s->uphase = UP_RESOLVING;
+            conn_deadline(&s->u, ucfg(s)->connect_timeout);
+            return;
+        }
+        if (s->uphase == UP_RESOLVING && up->busy)
+            return;
+        upstream_rt_refresh(up);
+        s->uphase = UP_CONNECTING;
+        s->target = 0;
+        upstream_fail(s, R_UNREACHABLE, "cannot resolve %s: %s", ucfg(s)->address,
+                      up->resolve_err[0] ? up->resolve_err : "no address");
+        return;
+    }
+    s->target = 0;
+    dial_next(s);
 }
 
 void upstream_start(struct session *s)
 {
-    struct upstream_rt *up = s->li->up;
-
     if (s->uphase != UP_IDLE)
         return;
     s->dial_start = ev_now(EV_DEFAULT);
-    if (up->ai == NULL) {
-        upstream_rt_refresh(s->li->up);
-        s->uphase = UP_CONNECTING;
-        upstream_fail(s, R_UNREACHABLE, "cannot resolve %s: %s", ucfg(s)->address, up->resolve_err);
-        return;
-    }
-    s->ai_next = 0;
-    dial_next(s);
-}
-
-/* Is there a resolved address after the one being tried? */
-static int has_next_address(const struct session *s)
-{
-    const struct addrinfo *ai = s->li->up->ai;
-
-    for (size_t i = 0; ai != NULL && i < s->ai_next; i++)
-        ai = ai->ai_next;
-    return ai != NULL && ai->ai_next != NULL;
-}
-
-/* Closes the current attempt and tries the next resolved address. */
-static void redial(struct session *s, const char *why)
-{
-    slog(s, LOG_LVL_INFO, "event=upstream_retry upstream=%s reason=\"%s\"", ucfg(s)->address, why);
-    conn_release(&s->u);
-    s->ai_next++;
-    dial_next(s);
+    dial_first(s);
 }
 
 /* Closes the current attempt and dials the same address again. */
@@ -128,7 +166,7 @@ static void redial_same(struct session *s, const char *why)
     slog(s, LOG_LVL_INFO,
          "event=upstream_resume_failed upstream=%s reason=\"%s\" msg=\"retrying "
          "with a full handshake\"",
-         ucfg(s)->address, why);
+         uaddr(s)->spec, why);
     conn_release(&s->u);
     s->u.tls_version = s->u.tls_cipher = NULL;
     s->u.handshaking = s->u.tls_up = 0;
@@ -158,14 +196,14 @@ static void enter(struct session *s, enum upstream_phase p)
 
 static void start_tls(struct session *s)
 {
-    WOLFSSL *ssl = tls_client_ssl(s->li->up->ctx, ucfg(s), s->u.fd);
+    WOLFSSL *ssl = tls_client_ssl(s->li->up->ctx, ucfg(s), uaddr(s)->server_name, s->u.fd);
+    WOLFSSL_SESSION *resume = s->li->up->resume[s->up_addr];
 
     if (ssl == NULL) {
         upstream_fail(s, NULL, "cannot create TLS session");
         return;
     }
-    if (s->li->up->resume != NULL && !s->resume_retried &&
-        wolfSSL_set_session(ssl, s->li->up->resume) == WOLFSSL_SUCCESS)
+    if (resume != NULL && !s->resume_retried && wolfSSL_set_session(ssl, resume) == WOLFSSL_SUCCESS)
         s->resume_offered = 1;
     conn_start_tls(&s->u, ssl);
     enter(s, UP_HANDSHAKE);
@@ -228,13 +266,8 @@ static int connected(struct session *s)
             s->u.writable = 0;
             return 0;
         }
-        if (has_next_address(s)) {
-            redial(s, strerror(err));
-            return 1;
-        }
-        upstream_fail(s, R_UNREACHABLE, "cannot connect to %s: %s", ucfg(s)->address,
-                      strerror(err));
-        return 0;
+        upstream_fail(s, R_UNREACHABLE, "cannot connect to %s: %s", uaddr(s)->spec, strerror(err));
+        return 1;
     }
     s->u.readable = 1;
     if (ucfg(s)->proxy_protocol && send_proxy_header(s) == -1)
@@ -287,7 +320,7 @@ static void ready(struct session *s)
 {
     metrics_dial(ev_now(EV_DEFAULT) - s->dial_start, s->up_resumed);
     enter(s, UP_READY);
-    slog(s, LOG_LVL_DEBUG, "event=upstream_ready upstream=%s tls=%s", ucfg(s)->address,
+    slog(s, LOG_LVL_DEBUG, "event=upstream_ready upstream=%s tls=%s", uaddr(s)->spec,
          s->u.tls_version ? s->u.tls_version : "none");
 }
 
@@ -322,6 +355,11 @@ int upstream_step(struct session *s)
     case UP_IDLE:
     case UP_CLOSED:
         return 0;
+    case UP_RESOLVING:
+        if (s->li->up->busy)
+            return 0;
+        dial_first(s);
+        return 1;
     case UP_CONNECTING:
         return connected(s);
     case UP_HANDSHAKE:
@@ -332,9 +370,9 @@ int upstream_step(struct session *s)
              * again once with a full handshake. */
             if (s->resume_offered) {
                 struct upstream_rt *up = s->li->up;
-                if (up->resume != NULL) {
-                    wolfSSL_SESSION_free(up->resume);
-                    up->resume = NULL;
+                if (up->resume[s->up_addr] != NULL) {
+                    wolfSSL_SESSION_free(up->resume[s->up_addr]);
+                    up->resume[s->up_addr] = NULL;
                 }
                 s->resume_offered = 0;
                 s->resume_retried = 1;
@@ -343,8 +381,8 @@ int upstream_step(struct session *s)
             }
             metrics_tls_failure("upstream",
                                 strstr(u->errmsg, "certificate") ? "certificate" : "handshake");
-            upstream_fail(s, NULL, "TLS handshake with %s (name %s) failed: %s", ucfg(s)->address,
-                          ucfg(s)->server_name, u->errmsg);
+            upstream_fail(s, NULL, "TLS handshake with %s (name %s) failed: %s", uaddr(s)->spec,
+                          uaddr(s)->server_name, u->errmsg);
             return 0;
         }
         if (n == 0)
@@ -435,7 +473,7 @@ int upstream_step(struct session *s)
             slog(s, LOG_LVL_WARNING,
                  "event=xclient_unavailable upstream=%s msg=\"the upstream does not offer "
                  "XCLIENT to us; it sees the proxy's address, not the client's\"",
-                 ucfg(s)->address);
+                 uaddr(s)->spec);
             ready(s);
         }
         progress = 1;
@@ -491,21 +529,23 @@ void upstream_save_tls_session(struct session *s)
         wolfSSL_SESSION_free(sess);
         return;
     }
-    if (up->resume)
-        wolfSSL_SESSION_free(up->resume);
-    up->resume = sess;
+    if (up->resume[s->up_addr])
+        wolfSSL_SESSION_free(up->resume[s->up_addr]);
+    up->resume[s->up_addr] = sess;
 }
 
 void upstream_timeout(struct session *s)
 {
     if (s->closing != CLOSE_NO)
         return;
+    if (s->uphase == UP_RESOLVING) {
+        s->uphase = UP_CONNECTING;
+        upstream_fail(s, R_UNREACHABLE, "timeout resolving %s (%gs)", ucfg(s)->address,
+                      ucfg(s)->connect_timeout);
+        return;
+    }
     if (s->uphase == UP_CONNECTING) {
-        if (has_next_address(s)) {
-            redial(s, "connect timeout");
-            return;
-        }
-        upstream_fail(s, R_UNREACHABLE, "timeout connecting to %s (%gs)", ucfg(s)->address,
+        upstream_fail(s, R_UNREACHABLE, "timeout connecting to %s (%gs)", uaddr(s)->spec,
                       ucfg(s)->connect_timeout);
         return;
     }

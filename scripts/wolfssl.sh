@@ -39,7 +39,13 @@ flags=(
     --disable-examples --disable-crypttests --disable-benchmark --disable-oldnames
     # getrandom(2) instead of opening /dev/urandom for every RNG (twice per
     # handshake, seen with strace in the benchmark).
-    CPPFLAGS=-DWOLFSSL_GETRANDOM
+    # HAVE_SBLIM_SFCB: wolfSSL compiles wolfSSL_CTX_set_servername_callback,
+    # wolfSSL_set_SSL_CTX and wolfSSL_get_servername (certificates chosen by
+    # SNI) only with OPENSSL_ALL or one of the application-compatibility
+    # macros. This one (sblim-sfcb) only opens those API blocks in ssl.c,
+    # pk.c and x509.c -- no behaviour and no per-session field changes --
+    # where OPENSSL_ALL would enlarge every session and the build.
+    "CPPFLAGS=-DWOLFSSL_GETRANDOM -DHAVE_SBLIM_SFCB"
 )
 want_stamp="flags: ${flags[*]}"
 

@@ -303,10 +303,13 @@ static void test_defaults(void)
         CHECK(strcmp(u->name, "") == 0);
         CHECK(u->line == 1);
         CHECK(strcmp(u->address, "mail.example.com:587") == 0);
-        CHECK(strcmp(u->host, "mail.example.com") == 0);
-        CHECK(strcmp(u->port, "587") == 0);
+        CHECK(u->naddrs == 1);
+        CHECK(strcmp(u->addrs[0].spec, "mail.example.com:587") == 0);
+        CHECK(strcmp(u->addrs[0].host, "mail.example.com") == 0);
+        CHECK(strcmp(u->addrs[0].port, "587") == 0);
         CHECK(u->tls == UPSTREAM_TLS_STARTTLS);
-        CHECK(u->server_name != NULL && strcmp(u->server_name, "mail.example.com") == 0);
+        CHECK(u->server_name == NULL);
+        CHECK(strcmp(u->addrs[0].server_name, "mail.example.com") == 0);
         CHECK(strcmp(u->ca_file, g_cert) == 0);
         CHECK(u->verify == 1);
         CHECK(u->cert == NULL && u->key == NULL);
@@ -348,16 +351,86 @@ static void test_defaults(void)
                 "listen = 127.0.0.1:25\nmode = implicit\ncert = @C@\nkey = @K@\n");
     CHECK(cfg != NULL);
     if (cfg != NULL) {
-        CHECK(strcmp(cfg->upstreams[0].host, "::1") == 0);
-        CHECK(strcmp(cfg->upstreams[0].port, "465") == 0);
-        CHECK(strcmp(cfg->upstreams[0].server_name, "::1") == 0);
+        CHECK(strcmp(cfg->upstreams[0].addrs[0].host, "::1") == 0);
+        CHECK(strcmp(cfg->upstreams[0].addrs[0].port, "465") == 0);
+        CHECK(strcmp(cfg->upstreams[0].addrs[0].server_name, "::1") == 0);
     }
     config_free(cfg);
     cfg = parse(UPSTREAM, "server_name = smtp.example.com");
     CHECK(cfg != NULL);
-    if (cfg != NULL)
+    if (cfg != NULL) {
         CHECK(strcmp(cfg->upstreams[0].server_name, "smtp.example.com") == 0);
+        CHECK(strcmp(cfg->upstreams[0].addrs[0].server_name, "smtp.example.com") == 0);
+    }
     config_free(cfg);
+
+    /* Several addresses: tried in order, each checked for its own host name
+     * unless server_name is set; the list is normalised (no blanks). */
+    cfg = parse("[upstream]\naddress = mx1.example.com:587 ,\t[::1]:2587,10.0.0.1:25\n"
+                "ca_file = @C@\n[listener a]\nlisten = 127.0.0.1:25\nmode = implicit\n"
+                "cert = @C@\nkey = @K@\n");
+    CHECK(cfg != NULL);
+    if (cfg != NULL) {
+        struct upstream_cfg *u = &cfg->upstreams[0];
+        CHECK(u->naddrs == 3);
+        CHECK(strcmp(u->address, "mx1.example.com:587,[::1]:2587,10.0.0.1:25") == 0);
+        if (u->naddrs == 3) {
+            CHECK(strcmp(u->addrs[0].server_name, "mx1.example.com") == 0);
+            CHECK(strcmp(u->addrs[1].spec, "[::1]:2587") == 0);
+            CHECK(strcmp(u->addrs[1].host, "::1") == 0);
+            CHECK(strcmp(u->addrs[1].port, "2587") == 0);
+            CHECK(strcmp(u->addrs[2].server_name, "10.0.0.1") == 0);
+        }
+    }
+    config_free(cfg);
+    /* A repeated address line extends the list (so does a continuation). */
+    cfg = parse(UPSTREAM, "address = a.example:25, b.example:25\nserver_name = mx.example");
+    CHECK(cfg != NULL && cfg->upstreams[0].naddrs == 3);
+    if (cfg != NULL && cfg->upstreams[0].naddrs == 3)
+        CHECK(strcmp(cfg->upstreams[0].addrs[2].spec, "b.example:25") == 0);
+    config_free(cfg);
+    cfg = parse("[upstream]\naddress = a.example:25,\n  b.example:25\nca_file = @C@\n"
+                "[listener a]\nlisten = 127.0.0.1:25\nmode = implicit\n"
+                "cert = @C@,\n       @C@\nkey = @K@\nkey = @K@\n");
+    CHECK(cfg != NULL);
+    if (cfg != NULL) {
+        CHECK(cfg->upstreams[0].naddrs == 2);
+        CHECK(cfg->listeners[0].ncerts == 2 && cfg->listeners[0].nkeys == 2);
+        CHECK(strcmp(cfg->upstreams[0].address, "a.example:25,b.example:25") == 0);
+    }
+    config_free(cfg);
+    CHECK(rejects(9, "key 'key': 1 key file(s) for 2 certificate(s)",
+                  "[upstream]\naddress = a.example:25\nca_file = @C@\n"
+                  "[listener a]\nlisten = 127.0.0.1:25\nmode = implicit\n"
+                  "cert = @C@,\n       @C@\nkey = @K@\n"));
+    CHECK(rejects(8, "line longer than 197 characters (a list can go on",
+                  "[upstream]\naddress = a.example:25\nca_file = @C@\n"
+                  "[listener a]\nlisten = 127.0.0.1:25\nmode = implicit\n"
+                  "key = @K@\ncert = @C@, %0200d\n",
+                  0));
+    CHECK(accepts("[upstream]\naddress = a.example:25, b.example:25\nserver_name = mx.example\n"
+                  "ca_file = @C@\n[listener a]\nlisten = 127.0.0.1:25\nmode = implicit\n"
+                  "cert = @C@\nkey = @K@\n"));
+    cfg = parse("[upstream]\naddress = a.example:25, b.example:25\nserver_name = mx.example\n"
+                "ca_file = @C@\n[listener a]\nlisten = 127.0.0.1:25\nmode = implicit\n"
+                "cert = @C@\nkey = @K@\n");
+    CHECK(cfg != NULL);
+    if (cfg != NULL && cfg->upstreams[0].naddrs == 2)
+        CHECK(strcmp(cfg->upstreams[0].addrs[1].server_name, "mx.example") == 0);
+    config_free(cfg);
+    CHECK(rejects(2, "'b.example' is not host:port",
+                  "[upstream]\naddress = a.example:25, b.example\nca_file = @C@\n"
+                  "[listener a]\nlisten = 127.0.0.1:25\nmode = implicit\ncert = @C@\n"
+                  "key = @K@\n"));
+    CHECK(rejects(2, "no address given",
+                  "[upstream]\naddress = , ,\nca_file = @C@\n"
+                  "[listener a]\nlisten = 127.0.0.1:25\nmode = implicit\ncert = @C@\n"
+                  "key = @K@\n"));
+    CHECK(rejects(2, "more than 16 addresses",
+                  "[upstream]\naddress = a:1,b:1,c:1,d:1,e:1,f:1,g:1,h:1,i:1,j:1,k:1,l:1,m:1,"
+                  "n:1,o:1,p:1,q:1\nca_file = @C@\n"
+                  "[listener a]\nlisten = 127.0.0.1:25\nmode = implicit\ncert = @C@\n"
+                  "key = @K@\n"));
 
     /* Global string keys, inline and '#' comments, CRLF line ends. */
     cfg = parse("# comment\n[global]\n; comment\nhostname = proxy.example.net\nuser = mail ; the "
@@ -455,7 +528,7 @@ static void test_example_file(void)
         CHECK(u->min_tls == du->min_tls);
         CHECK(u->connect_timeout == du->connect_timeout);
         CHECK(u->reply_timeout == du->reply_timeout);
-        CHECK(strcmp(u->server_name, "127.0.0.1") == 0);
+        CHECK(strcmp(u->addrs[0].server_name, "127.0.0.1") == 0);
         CHECK(cfg->listeners[0].min_tls == def->listeners[0].min_tls);
         CHECK(cfg->listeners[0].nlisten == 2);
         CHECK(cfg->listeners[0].mode == LISTENER_IMPLICIT);
@@ -714,8 +787,7 @@ static void test_structure(void)
     CHECK(rejects(3, "[global] key 'syslog': set twice",
                   "[global]\nsyslog = yes\nsyslog = no\n" BASE));
     CHECK(rejects(9, "key 'mode': set twice", BASE "mode = implicit\n"));
-    CHECK(rejects(4, "key 'address': set twice", UPSTREAM, "address = other:25"));
-    CHECK(rejects(9, "key 'cert': set twice", BASE "cert = @C@\n"));
+    CHECK(rejects(8, "key 'key': 1 key file(s) for 2 certificate(s)", BASE "cert = @C@\n"));
 
     /* duplicate sections */
     CHECK(rejects(9, "[listener a]: section defined twice (first at line 4)",
@@ -827,7 +899,7 @@ static void test_upstreams(void)
     if (cfg != NULL && cfg->nupstreams == 2 && cfg->nlisteners == 2) {
         CHECK(strcmp(cfg->upstreams[1].name, "second") == 0);
         CHECK(cfg->upstreams[1].line == 9);
-        CHECK(strcmp(cfg->upstreams[1].host, "2001:db8::1") == 0);
+        CHECK(strcmp(cfg->upstreams[1].addrs[0].host, "2001:db8::1") == 0);
         CHECK(cfg->listeners[0].upstream == &cfg->upstreams[0]);
         CHECK(cfg->listeners[1].upstream == &cfg->upstreams[1]);
     } else {

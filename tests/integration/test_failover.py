@@ -1,0 +1,175 @@
+"""Several addresses per upstream: tried in order, with connect and greeting
+failover, each address checked against its own host name; DNS answers that
+arrive after a reload without blocking the loop.
+
+What is observed: the client's session (a message stored by the real
+upstream, or a 421), which upstream saw a connection (and the SNI it got),
+and the event=upstream_retry / upstream_failed / session_end log lines.
+"""
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+import bridgelib as bl
+from bridgelib import TF, free_port
+from scripted_upstream import BlackholeListener, ScriptedUpstream, good_script
+from test_operations import (edit, full_session, hup_and_wait, ops_bridge, pubdir,  # noqa: F401
+                             tls_client, wait_events, write_config)
+from test_upstream_failures import client_gets_421
+
+
+def closed_port():
+    """A loopback port with nothing listening (connect is refused)."""
+    return free_port()
+
+
+def session_ends(d):
+    return d.events("session_end")
+
+
+def test_first_address_refused_second_serves(make_bridge, upstream, certs):
+    first = "127.0.0.1:%d" % closed_port()
+    d = make_bridge("%s, %s" % (first, upstream.address))
+    full_session(certs, d.addr("smtps"), tag="failover-refused")
+    stored = upstream.wait_messages(1)
+    assert len(stored) == 1 and b"failover-refused" in stored[0][1], stored
+    retry = d.wait_log(r"event=upstream_retry")
+    assert "upstream=%s" % first in retry and "stage=connect" in retry, retry
+    assert "Connection refused" in retry, retry
+    end = d.wait_log(r"event=session_end")
+    assert "upstream=%s " % upstream.address in end, end
+
+
+def test_first_address_hangs_connect_timeout_then_second(make_bridge, upstream, certs):
+    bh = BlackholeListener().start()
+    try:
+        if not bh.probe_hangs():
+            pytest.skip("could not make a hanging connect on loopback")
+        d = make_bridge("%s,%s" % (bh.address, upstream.address),
+                        upstream_opts={"connect_timeout": "1s"})
+        t0 = time.monotonic()
+        full_session(certs, d.addr("smtps"), tag="failover-timeout")
+        dt = time.monotonic() - t0
+        assert dt >= 0.9, dt               # the first address had its full second
+        assert dt < 6 * TF, dt
+        retry = d.wait_log(r"event=upstream_retry")
+        assert "upstream=%s" % bh.address in retry and "timeout connecting" in retry, retry
+        assert len(upstream.wait_messages(1)) == 1
+    finally:
+        bh.stop()
+
+
+@pytest.mark.parametrize("how", ["421-greeting", "close", "silent"])
+def test_greeting_failure_fails_over(make_bridge, upstream, certs, how):
+    """A server that is up but not serving (421 busy, closes, never greets)
+    is skipped: it was told nothing and the client saw nothing of it."""
+    script = {"421-greeting": [("send", b"421 4.3.2 busy, go away\r\n"), ("close",)],
+              "close": [("close",)],
+              "silent": [("hang", 5)]}[how]
+    bad = ScriptedUpstream(script, cert=os.path.join(certs, "upstream.pem"),
+                           key=os.path.join(certs, "upstream.key"), drain_timeout=1.0).start()
+    try:
+        d = make_bridge("%s, %s" % (bad.address, upstream.address),
+                        upstream_opts={"reply_timeout": "1s"})
+        full_session(certs, d.addr("smtps"), tag="failover-" + how)
+        assert len(upstream.wait_messages(1)) == 1
+        retry = d.wait_log(r"event=upstream_retry")
+        assert "upstream=%s" % bad.address in retry and "stage=greeting" in retry, retry
+        bad.wait_done(5)
+        # the proxy said nothing to the failed server (no EHLO, no PROXY)
+        assert bad.conn(0).pre_tls == b"", bad.conn(0).pre_tls
+    finally:
+        bad.stop()
+
+
+def test_all_addresses_fail_gives_421_naming_the_list(make_bridge, certs):
+    a, b = "127.0.0.1:%d" % closed_port(), "127.0.0.1:%d" % closed_port()
+    d = make_bridge("%s, %s" % (a, b), health="light")
+    r, rest, closed, dt = client_gets_421(d, certs)
+    assert r.code == 421 and r.lines[0].startswith("421 4.4.1"), r
+    assert closed
+    retry = d.wait_log(r"event=upstream_retry")
+    assert "upstream=%s" % a in retry, retry
+    fail = d.wait_log(r"event=upstream_failed")
+    assert "upstream=%s " % b in fail and "stage=connect" in fail, fail
+
+
+def test_no_failover_after_a_certificate_failure(make_bridge, upstream, certs):
+    """A certificate that does not verify is a security signal, not an outage:
+    the session ends with 421 and the next address is not tried."""
+    from scripted_upstream import prelude
+    bad = ScriptedUpstream(prelude() + [("expect", b"STARTTLS"), ("send", b"220 go ahead\r\n"),
+                                        ("starttls",), ("serve",)],
+                           cert=os.path.join(certs, "upstream-wrongname.pem"),
+                           key=os.path.join(certs, "upstream-wrongname.key"), drain_timeout=1.0).start()
+    try:
+        before = upstream.connections
+        d = make_bridge("%s, %s" % (bad.address, upstream.address), health="light")
+        r, rest, closed, dt = client_gets_421(d, certs)
+        assert r.code == 421, r
+        fail = d.wait_log(r"event=upstream_failed")
+        assert "stage=tls" in fail and "upstream=%s " % bad.address in fail, fail
+        assert "event=upstream_retry" not in d.log()
+        time.sleep(0.3)
+        assert upstream.connections == before
+    finally:
+        bad.stop()
+
+
+def test_each_address_is_checked_against_its_own_name(make_bridge, upstream, certs):
+    """Without server_name, the backup's certificate must carry the backup's
+    own host name (here: localhost, sent as SNI)."""
+    port = upstream.address.rsplit(":", 1)[1]
+    first = "127.0.0.1:%d" % closed_port()
+    d = make_bridge("%s, localhost:%s" % (first, port), upstream_opts={"server_name": None})
+    full_session(certs, d.addr("smtps"), tag="own-name")
+    assert upstream.sni_names[-1] == "localhost", upstream.sni_names
+    end = d.wait_log(r"event=session_end")
+    assert "upstream=localhost:%s " % port in end, end
+    # -t shows the list and that no single server_name applies
+    cp = bl.run([bl.BIN, "-t", "-c", d.conf], timeout=20)
+    assert cp.returncode == 0, bl.describe(cp)
+    assert "address = %s, localhost:%s" % (first, port) in cp.stdout.decode(), cp.stdout
+    assert "# server_name: unset" in cp.stdout.decode(), cp.stdout
+
+
+def test_explicit_server_name_applies_to_every_address(make_bridge, certs):
+    """server_name = upstream.test: the certificate of the second address is
+    checked for that name (the scripted upstream's cert has it; the SNI
+    shows which name was asked for)."""
+    up = ScriptedUpstream(good_script(), cert=os.path.join(certs, "upstream.pem"),
+                          key=os.path.join(certs, "upstream.key"), drain_timeout=1.0).start()
+    try:
+        d = make_bridge("127.0.0.1:%d, %s" % (closed_port(), up.address),
+                        upstream_opts={"server_name": "upstream.test"}, health="light")
+        host, port = d.addr("smtps")
+        c, greet = tls_client(certs, (host, port))
+        with c:
+            assert c.cmd("EHLO sni.test").code == 250
+        up.wait_done(5)
+        assert up.conn(0).sni == "upstream.test", up.conn(0).sni
+    finally:
+        up.stop()
+
+
+def test_reload_to_a_new_name_resolves_in_the_background(ops_bridge, upstream, certs):
+    """A reload that introduces a name the running daemon never resolved
+    does not resolve it in the event loop: the new runtime asks glibc's
+    resolver thread and sessions wait for the answer."""
+    d = ops_bridge()
+    port = upstream.address.rsplit(":", 1)[1]
+    full_session(certs, d.addr("smtps"), tag="before")
+    sections = edit(d.sections, "upstream", address="localhost:%s" % port,
+                    server_name="localhost")
+    write_config(d, sections)
+    hup_and_wait(d)
+    full_session(certs, d.addr("smtps"), tag="after")
+    line = d.wait_log(r"event=resolved upstream=localhost:%s" % port)
+    assert "addresses=" in line, line
+    end = wait_events(d, "session_end", 2)[1]
+    assert end.get("upstream") == "localhost:%s" % port, end
+    assert len(upstream.wait_messages(2)) == 2

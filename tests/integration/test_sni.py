@@ -1,0 +1,231 @@
+"""Client-facing TLS: several certificates per listener chosen by SNI, and
+session resumption for clients (tickets that every worker and every reload
+accepts).
+
+Observed from outside: which certificate the client received (its DER hash,
+or a handshake that verifies the expected host name), whether Python's ssl
+reports the session as reused, and the sni= / client_resumed= fields of the
+session_end log line.
+"""
+
+import os
+import socket
+import ssl
+
+import pytest
+
+import bridgelib as bl
+from bridgelib import RawClient, free_port
+from test_operations import (hup_and_wait, ops_bridge, pem_cert_sha, pubdir,  # noqa: F401
+                             sha, sid_owner, wait_events)
+
+SNI_CERTS = ("proxy", "sni-mail", "sni-wild", "sni-cn")
+
+
+def sni_listener_opts(certs, names=SNI_CERTS):
+    # one file per line: an indented line continues the list
+    return {"cert": ",\n    ".join(os.path.join(certs, n + ".pem") for n in names),
+            "key": ",\n    ".join(os.path.join(certs, n + ".key") for n in names)}
+
+
+@pytest.fixture
+def sni_bridge(make_bridge, upstream, certs):
+    opts = sni_listener_opts(certs)
+    return make_bridge(upstream.address, listener_opts={"smtps": opts, "sub": opts})
+
+
+def ctx_for(certs, name=None, max_version=None):
+    """A client context verifying the chain; the name is not checked (a name
+    no certificate carries gets the default one): tests compare the DER."""
+    ctx = ssl.create_default_context(cafile=os.path.join(certs, "ca.pem"))
+    ctx.check_hostname = False
+    if max_version is not None:
+        ctx.maximum_version = max_version
+    return ctx
+
+
+def handshake(d, certs, listener, sni, max_version=None):
+    """TLS with the given SNI (None: no SNI) on an implicit or STARTTLS
+    listener; returns (sha of the peer certificate DER, client)."""
+    host, port = d.addr(listener)
+    ctx = ctx_for(certs, sni, max_version)
+    if listener == "smtps":
+        raw = socket.create_connection((host, port), timeout=10)
+        c = _wrap(ctx.wrap_socket(raw, server_hostname=sni))
+        assert c.read_reply().code == 220
+    else:
+        c = RawClient(host, port, timeout=10)
+        assert c.read_reply().code == 220
+        assert c.cmd("EHLO sni.test").code == 250
+        assert c.cmd("STARTTLS").code == 220
+        c.starttls(ctx, server_hostname=sni)
+    der = c.sock.getpeercert(binary_form=True)
+    return sha(der), c
+
+
+class _wrap:
+    """Minimal reply reader around an already wrapped socket."""
+
+    def __init__(self, s):
+        self.sock = s
+        self.buf = b""
+
+    def read_reply(self):
+        while True:
+            lines = self.buf.split(b"\r\n")
+            for i, ln in enumerate(lines[:-1]):
+                if len(ln) >= 4 and ln[3:4] == b" ":
+                    reply = b"\r\n".join(lines[:i + 1])
+                    self.buf = b"\r\n".join(lines[i + 1:])
+                    return bl.Reply([x.decode() for x in reply.split(b"\r\n")], reply)
+            data = self.sock.recv(4096)
+            if not data:
+                raise EOFError
+            self.buf += data
+
+    def cmd(self, line):
+        self.sock.sendall(line.encode() + b"\r\n")
+        return self.read_reply()
+
+    def close(self):
+        self.sock.close()
+
+
+def quit_(c):
+    try:
+        c.cmd("QUIT")
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("listener", ["smtps", "sub"])
+@pytest.mark.parametrize("sni,expect", [
+    ("mail.sni.test", "sni-mail"),          # second certificate, exact SAN
+    ("MAIL.SNI.Test", "sni-mail"),          # names compare case-insensitively
+    ("rsa.sni.test", "sni-wild"),           # RSA certificate, exact SAN
+    ("x.wild.test", "sni-wild"),            # wildcard SAN
+    ("cn.sni.test", "sni-cn"),              # no SAN: its CN
+    ("localhost", "proxy"),                 # the default's own name
+    ("a.b.wild.test", "proxy"),             # a wildcard covers one label only
+    ("unknown.test", "proxy"),              # no match: the default
+    (None, "proxy"),                        # no SNI: the default
+])
+def test_certificate_chosen_by_sni(sni_bridge, certs, listener, sni, expect):
+    got, c = handshake(sni_bridge, certs, listener, sni)
+    quit_(c)
+    assert got == pem_cert_sha(os.path.join(certs, expect + ".pem")), (sni, expect)
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_sni_switch_between_key_types_in_both_versions(sni_bridge, certs, version):
+    """The default is ECDSA, sni-wild is RSA: the switch must pick a suite
+    and signature the new key can make, in TLS 1.2 and 1.3."""
+    for sni, expect in (("rsa.sni.test", "sni-wild"), ("mail.sni.test", "sni-mail")):
+        got, c = handshake(sni_bridge, certs, "smtps", sni, max_version=version)
+        assert c.sock.version() == {ssl.TLSVersion.TLSv1_2: "TLSv1.2",
+                                    ssl.TLSVersion.TLSv1_3: "TLSv1.3"}[version]
+        quit_(c)
+        assert got == pem_cert_sha(os.path.join(certs, expect + ".pem"))
+
+
+def test_sni_is_logged(sni_bridge, certs):
+    got, c = handshake(sni_bridge, certs, "smtps", "mail.sni.test")
+    quit_(c)
+    end = sni_bridge.wait_log(r'event=session_end .*sni="mail\.sni\.test"')
+    assert "listener=smtps" in end
+
+
+def test_config_errors_for_certificate_lists(make_bridge, upstream, certs):
+    d = make_bridge(upstream.address, start=False,
+                    listener_opts={"smtps": {
+                        "cert": "%s, %s" % (os.path.join(certs, "proxy.pem"),
+                                            os.path.join(certs, "sni-mail.pem")),
+                        "key": os.path.join(certs, "proxy.key")}})
+    cp = bl.run([bl.BIN, "-t", "-c", d.conf], timeout=20)
+    err = cp.stderr.decode()
+    assert cp.returncode != 0
+    assert "key 'key': 1 key file(s) for 2 certificate(s)" in err, err
+
+    # a key that belongs to another certificate of the list
+    d = make_bridge(upstream.address, start=False,
+                    listener_opts={"smtps": {
+                        "cert": "%s, %s" % (os.path.join(certs, "proxy.pem"),
+                                            os.path.join(certs, "sni-mail.pem")),
+                        "key": "%s, %s" % (os.path.join(certs, "proxy.key"),
+                                           os.path.join(certs, "sni-cn.key"))}})
+    cp = bl.run([bl.BIN, "-t", "-c", d.conf], timeout=20)
+    err = cp.stderr.decode()
+    assert cp.returncode != 0
+    assert "sni-cn.key" in err and ("does not match" in err or "cannot complete" in err), err
+
+
+# ------------------------------------------------------------ resumption
+
+def resume_round(d, certs, listener, n, max_version=None, sni=None):
+    """One full handshake, then n resumptions with its session; returns the
+    list of session_reused flags of the n."""
+    host, port = d.addr(listener)
+    ctx = ctx_for(certs, sni, max_version)
+
+    def connect(session=None):
+        raw = socket.create_connection((host, port), timeout=10)
+        s = ctx.wrap_socket(raw, server_hostname=sni, session=session)
+        w = _wrap(s)
+        assert w.read_reply().code == 220   # TLS 1.3 tickets arrive with it
+        return w
+
+    first = connect()
+    first.cmd("NOOP")                    # TLS 1.3: the ticket is read by now
+    sess = first.sock.session
+    quit_(first)
+    assert sess is not None
+    reused = []
+    for _ in range(n):
+        w = connect(sess)
+        reused.append(w.sock.session_reused)
+        quit_(w)
+    return reused
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_client_session_resumption(make_bridge, upstream, certs, version):
+    d = make_bridge(upstream.address)
+    reused = resume_round(d, certs, "smtps", 3, max_version=version)
+    assert all(reused), reused
+    wait_events(d, "session_end", 4)
+    ends = d.events("session_end")
+    assert sum(1 for e in ends if e.get("client_resumed") == "yes") == 3, \
+        [e["_line"] for e in ends]
+
+
+def test_resumption_with_an_sni_selected_certificate(sni_bridge, certs):
+    reused = resume_round(sni_bridge, certs, "smtps", 2, sni="mail.sni.test")
+    assert all(reused), reused
+
+
+def test_resumption_across_workers_and_reload(ops_bridge, certs):
+    """Tickets are accepted by every worker (each has the same key
+    schedule) and still after a reload."""
+    d = ops_bridge(global_opts={"workers": "2", "max_sessions_per_ip": "0"})
+    wait_events(d, "worker_ready", 2)
+    reused = resume_round(d, certs, "smtps", 16)
+    assert all(reused), reused
+    ends = wait_events(d, "session_end", 17)
+    owners = {sid_owner(e["sid"]) for e in ends if e.get("client_resumed") == "yes"}
+    assert len(owners) == 2, "resumed sessions all on one worker: %s" % owners
+
+    host, port = d.addr("smtps")
+    ctx = ctx_for(certs)
+    raw = socket.create_connection((host, port), timeout=10)
+    w = _wrap(ctx.wrap_socket(raw))
+    assert w.read_reply().code == 220
+    w.cmd("NOOP")
+    sess = w.sock.session
+    quit_(w)
+    hup_and_wait(d)
+    wait_events(d, "worker_ready", 4)
+    raw = socket.create_connection((host, port), timeout=10)
+    w = _wrap(ctx.wrap_socket(raw, session=sess))
+    assert w.read_reply().code == 220
+    assert w.sock.session_reused
+    quit_(w)
