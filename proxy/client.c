@@ -44,9 +44,9 @@ static void greet(struct session *s)
     queue_fmt(s, "220 %s ESMTP\r\n", s->cfg->hostname);
 }
 
-static void start_handshake(struct session *s)
+static void start_handshake_with(struct session *s, WOLFSSL_CTX *ctx)
 {
-    WOLFSSL *ssl = wolfSSL_new(s->li->ctx);
+    WOLFSSL *ssl = wolfSSL_new(ctx);
 
     if (ssl == NULL || wolfSSL_set_fd(ssl, s->c.fd) != WOLFSSL_SUCCESS) {
         wolfSSL_free(ssl);
@@ -56,6 +56,67 @@ static void start_handshake(struct session *s)
     conn_start_tls(&s->c, ssl);
     s->cphase = CP_HANDSHAKE;
     conn_deadline(&s->c, s->cfg->handshake_timeout);
+}
+
+/*
+ * With several certificates the ClientHello is read first and the session's
+ * TLS object made from the context its SNI selects, so that everything
+ * wolfSSL derives from the context while parsing the hello -- in TLS 1.3 the
+ * stapled OCSP response among it -- belongs to the certificate sent. (The
+ * SNI callback of tls.c only switches the certificate after the hello is
+ * parsed; it remains for a hello split over several records.) The bytes
+ * read are handed to wolfSSL by conn_start_tls().
+ */
+static void start_handshake(struct session *s)
+{
+    if (s->li->sni != NULL) {
+        s->cphase = CP_HELLO;
+        conn_deadline(&s->c, s->cfg->handshake_timeout);
+        return;
+    }
+    start_handshake_with(s, s->li->ctx);
+}
+
+#define TLS_RECORD_HEADER 5
+#define TLS_HANDSHAKE     22
+
+static int client_hello(struct session *s)
+{
+    struct conn *c = &s->c;
+    const unsigned char *p;
+    WOLFSSL_CTX *ctx = NULL;
+    int r = conn_fill(c);
+
+    if (r < 0) {
+        session_end_kind(s, c->failed ? END_IO : END_CLIENT_TLS);
+        session_close(s, "client %s before the TLS handshake",
+                      c->failed ? "read failed" : "closed the connection");
+        return 0;
+    }
+    p = (const unsigned char *)c->in.data + c->in.off;
+    if (c->in.len >= TLS_RECORD_HEADER) {
+        size_t rec = TLS_RECORD_HEADER + ((size_t)p[3] << 8 | p[4]);
+        if (p[0] != TLS_HANDSHAKE) {
+            ctx = s->li->ctx; /* not TLS: let wolfSSL say what is wrong */
+        } else if (c->in.len >= rec) {
+            unsigned char name[256];
+            word32 len = sizeof(name) - 1;
+            if (wolfSSL_SNI_GetFromBuffer(p, (word32)rec, WOLFSSL_SNI_HOST_NAME, name, &len) ==
+                    WOLFSSL_SUCCESS &&
+                len < sizeof(name)) {
+                name[len] = '\0';
+                ctx = tls_sni_lookup(s->li->sni, (const char *)name);
+            } else {
+                ctx = s->li->ctx;
+            }
+        } else if (conn_in_room(c) == 0) {
+            ctx = s->li->ctx; /* a hello larger than the buffer: the callback decides */
+        }
+    }
+    if (ctx == NULL)
+        return r > 0;
+    start_handshake_with(s, ctx);
+    return 1;
 }
 
 /* allow_from, for the client named by a PROXY header (empty: everyone). */
@@ -186,8 +247,8 @@ int client_wants_read(const struct session *s)
 
     if (s->closing != CLOSE_NO || c->eof || c->failed || conn_in_room(c) == 0)
         return 0;
-    return s->cphase == CP_PROXY || s->cphase == CP_PRETLS || s->cphase == CP_FOLLOW ||
-           s->cphase == CP_SPLICE;
+    return s->cphase == CP_PROXY || s->cphase == CP_HELLO || s->cphase == CP_PRETLS ||
+           s->cphase == CP_FOLLOW || s->cphase == CP_SPLICE;
 }
 
 void client_count_error(struct session *s)
@@ -616,6 +677,8 @@ int client_step(struct session *s)
     switch (s->cphase) {
     case CP_PROXY:
         return proxy_header(s);
+    case CP_HELLO:
+        return client_hello(s);
     case CP_HANDSHAKE:
         r = conn_handshake(c, 1);
         if (r < 0) {
@@ -678,6 +741,7 @@ void client_timeout(struct session *s)
         session_end_kind(s, END_TIMEOUT);
         session_close(s, "no complete PROXY header within %gs", s->cfg->handshake_timeout);
         break;
+    case CP_HELLO:
     case CP_HANDSHAKE:
         session_end_kind(s, END_TIMEOUT);
         metrics_tls_failure("client", "timeout");

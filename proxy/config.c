@@ -521,6 +521,7 @@ static const struct keydef listener_keys[] = {
     {"mode", K_ENUM, L(mode), 0, mode_words},
     {"cert", K_STRLIST, L(cert), 0, NULL},
     {"key", K_STRLIST, L(key), 0, NULL},
+    {"ocsp_response", K_STRLIST, L(ocsp), 0, NULL},
     {"min_tls", K_TLSVER, L(min_tls), 0, NULL},
     {"allow_plaintext_from", K_LIST, 0, 0, NULL},
     {"allow_from", K_LIST, 0, 0, NULL},
@@ -865,6 +866,17 @@ static void parse_certs(struct parse *p, struct listener_cfg *li, const char *se
     for (size_t i = 0; i < nkeys; i++)
         check_readable(p, L_AT("key"), sec, "key", keys[i]);
     li->nkeys = nkeys;
+    if (li->ocsp == NULL)
+        return;
+    li->nocsp = split_commas(li->ocsp, &li->ocsps);
+    if (li->nocsp != li->ncerts)
+        perr(p, L_AT("ocsp_response"),
+             "[%s] key 'ocsp_response': %zu file(s) for %zu certificate(s) (one per 'cert', in "
+             "the same order; '-' for a certificate without one)",
+             sec, li->nocsp, li->ncerts);
+    for (size_t i = 0; i < li->nocsp; i++)
+        if (strcmp(li->ocsps[i], "-") != 0)
+            check_readable(p, L_AT("ocsp_response"), sec, "ocsp_response", li->ocsps[i]);
 }
 
 static void check_readable(struct parse *p, int line, const char *section, const char *key,
@@ -1112,6 +1124,8 @@ void config_free(struct config *cfg)
         free(li->key);
         free_list(li->certs, li->ncerts);
         free_list(li->keys, li->nkeys);
+        free(li->ocsp);
+        free_list(li->ocsps, li->nocsp);
         free(li->allow);
         free(li->allow_from);
         free(li->proxy_from);
@@ -1206,6 +1220,8 @@ void config_dump(const struct config *cfg, FILE *out)
             fprintf(out, "%s%s", j ? ", " : "", li->listen[j]);
         fprintf(out, "\nmode = %s\ncert = %s\nkey = %s\nmin_tls = %s\n", mode_words[li->mode],
                 li->cert, li->key, tls_name(li->min_tls));
+        if (li->ocsp)
+            fprintf(out, "ocsp_response = %s\n", li->ocsp);
         fprintf(out, "require_auth = %s\n", li->require_auth ? "yes" : "no");
         dump_cidrs("allow_from", li->allow_from, li->nallow_from, out);
         if (li->accept_proxy) {

@@ -74,6 +74,9 @@ struct listener_cfg {
     char *cert, *key;     /* as written: comma-separated lists */
     char **certs, **keys; /* pairs; the first is the default, the others go by SNI */
     size_t ncerts, nkeys;
+    char *ocsp;   /* ocsp_response as written, or NULL */
+    char **ocsps; /* one per cert: a DER OCSP response file to staple, or "-" */
+    size_t nocsp;
     int min_tls;
     struct cidr *allow; /* allow_plaintext_from */
     size_t nallow;

@@ -313,8 +313,30 @@ int conn_flush(struct conn *c, struct conn *peer, uint64_t *counter)
 
 /* ---- TLS ---- */
 
+/* wolfSSL's receive callback while c->in holds bytes read before TLS
+ * started; then the library's own socket receive takes over for good. */
+static int replay_recv(WOLFSSL *ssl, char *buf, int sz, void *ctx)
+{
+    struct conn *c = ctx;
+    uint32_t n;
+
+    if (c->in.len == 0) {
+        wolfSSL_SSLSetIORecv(ssl, EmbedReceive);
+        wolfSSL_SetIOReadCtx(ssl, &c->fd);
+        return EmbedReceive(ssl, buf, sz, &c->fd);
+    }
+    n = c->in.len < (uint32_t)sz ? c->in.len : (uint32_t)sz;
+    memcpy(buf, c->in.data + c->in.off, n);
+    conn_consume(c, n);
+    return (int)n;
+}
+
 void conn_start_tls(struct conn *c, WOLFSSL *ssl)
 {
+    if (c->in.len > 0) {
+        wolfSSL_SSLSetIORecv(ssl, replay_recv);
+        wolfSSL_SetIOReadCtx(ssl, c);
+    }
     c->ssl = ssl;
     c->handshaking = 1;
     c->readable = 1;

@@ -423,7 +423,7 @@ void runtime_unref(struct runtime *rt)
         tls_sni_free(li->sni);
         for (size_t j = 0; li->ctxs && j < li->cfg->ncerts; j++)
             if (li->ctxs[j])
-                wolfSSL_CTX_free(li->ctxs[j]);
+                tls_server_ctx_free(li->ctxs[j]);
         free(li->ctxs);
     }
     for (size_t i = 0; i < rt->nups; i++) {

@@ -66,6 +66,7 @@ struct conn {
 
 enum client_phase {
     CP_PROXY,     /* reading a PROXY protocol header from a load balancer */
+    CP_HELLO,     /* several certificates: reading the ClientHello to pick one */
     CP_HANDSHAKE, /* client TLS handshake (implicit, or after STARTTLS) */
     CP_PRETLS,    /* plaintext dialogue answered by the proxy */
     CP_STARTTLS,  /* our 220 is being flushed; the handshake starts after */
@@ -215,7 +216,9 @@ int conn_queue(struct conn *c, const char *data, size_t len);
 int conn_flush(struct conn *c, struct conn *peer, uint64_t *counter);
 /* Bytes still waiting to go to c (its out queue plus what peer released). */
 uint32_t conn_pending_out(const struct conn *c, const struct conn *peer);
-/* Starts TLS on c as server or client (ssl already configured with fd). */
+/* Starts TLS on c as server or client (ssl already configured with fd).
+ * Bytes already read into c->in (a ClientHello read to choose the
+ * certificate) are handed to wolfSSL before the socket. */
 void conn_start_tls(struct conn *c, WOLFSSL *ssl);
 /* Steps the handshake: 1 done, 0 in progress, -1 failed (errmsg set). */
 int conn_handshake(struct conn *c, int server);

@@ -3,6 +3,8 @@
  */
 #include "tls.h"
 
+#include "log.h"
+
 #include <arpa/inet.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -514,6 +516,176 @@ void tls_sni_free(struct tls_sni *t)
     free(t);
 }
 
+/* ---- OCSP stapling from a file ----
+ *
+ * The operator keeps a DER OCSP response per certificate up to date (e.g.
+ * `openssl ocsp ... -respout`, from cron; see docs/reference.md); the daemon
+ * never makes network requests of its own. wolfSSL's stapling asks an I/O
+ * callback for the response: ours hands over the file's bytes. wolfSSL then
+ * checks the response (signed by the issuer, for this certificate, current)
+ * and caches it until its nextUpdate; a response that fails the check is
+ * not stapled and the handshake goes on without it. A reload re-reads it.
+ */
+#define OCSP_MAX_RESPONSE (64 * 1024)
+
+struct ocsp_staple {
+    WOLFSSL_CTX *ctx;
+    unsigned char *der;
+    int len;
+    struct ocsp_staple *next;
+};
+
+static struct ocsp_staple *staples;
+
+static int ocsp_io_cb(void *arg, const char *url, int url_len, unsigned char *req, int req_len,
+                      unsigned char **resp)
+{
+    const struct ocsp_staple *st = arg;
+
+    (void)url;
+    (void)url_len;
+    (void)req;
+    (void)req_len;
+    *resp = malloc((size_t)st->len);
+    if (*resp == NULL)
+        return -1;
+    memcpy(*resp, st->der, (size_t)st->len);
+    return st->len;
+}
+
+static void ocsp_free_cb(void *arg, unsigned char *resp)
+{
+    (void)arg;
+    free(resp);
+}
+
+static int read_file(const char *path, unsigned char **out, size_t max)
+{
+    FILE *f = fopen(path, "rb");
+    unsigned char *b;
+    size_t n;
+
+    if (f == NULL)
+        return -1;
+    b = malloc(max + 1);
+    n = b ? fread(b, 1, max + 1, f) : 0;
+    fclose(f);
+    if (b == NULL || n == 0 || n > max) {
+        free(b);
+        return -1;
+    }
+    *out = b;
+    return (int)n;
+}
+
+/*
+ * Checks the response the way a client would: signed by the certificate's
+ * issuer (from the chain file) or a responder it delegated to, about this
+ * certificate, current, and "good". Returns 0, or -1 with err set.
+ */
+static int check_staple(const char *cert, struct ocsp_staple *st, char *err, size_t errlen)
+{
+    WOLFSSL_CERT_MANAGER *cm = wolfSSL_CertManagerNew();
+    WOLFSSL_X509 *x = wolfSSL_X509_load_certificate_file(cert, WOLFSSL_FILETYPE_PEM);
+    const unsigned char *der;
+    int len = 0, rc = -1;
+    char e[160];
+
+    if (cm == NULL || x == NULL || (der = wolfSSL_X509_get_der(x, &len)) == NULL) {
+        snprintf(err, errlen, "cannot read the certificate");
+        goto out;
+    }
+    if (wolfSSL_CertManagerLoadCA(cm, cert, NULL) != WOLFSSL_SUCCESS ||
+        wolfSSL_CertManagerEnableOCSP(cm, WOLFSSL_OCSP_URL_OVERRIDE) != WOLFSSL_SUCCESS ||
+        wolfSSL_CertManagerSetOCSPOverrideURL(cm, "file:") != WOLFSSL_SUCCESS ||
+        wolfSSL_CertManagerSetOCSP_Cb(cm, ocsp_io_cb, ocsp_free_cb, st) != WOLFSSL_SUCCESS) {
+        snprintf(err, errlen, "cannot set up an OCSP check");
+        goto out;
+    }
+    rc = wolfSSL_CertManagerCheckOCSP(cm, (unsigned char *)der, len);
+    if (rc != WOLFSSL_SUCCESS) {
+        err_string(rc, e, sizeof(e));
+        snprintf(err, errlen, "%s%s", e,
+                 rc == ASN_NO_SIGNER_E ? " (the issuing CA must follow the certificate in "
+                                         "the 'cert' file)"
+                                       : "");
+        rc = -1;
+    } else {
+        rc = 0;
+    }
+out:
+    wolfSSL_X509_free(x);
+    if (cm)
+        wolfSSL_CertManagerFree(cm);
+    return rc;
+}
+
+/* Staples the response in `file` on ctx if it checks out; if it does not,
+ * says why and serves without stapling (a stale response must not stop
+ * TLS; clients then ask the CA themselves, as for any unstapled server). */
+static int setup_stapling(WOLFSSL_CTX *ctx, const char *cert, const char *file, char *err,
+                          size_t errlen)
+{
+    struct ocsp_staple *st = calloc(1, sizeof(*st));
+
+    if (st == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    st->len = read_file(file, &st->der, OCSP_MAX_RESPONSE);
+    if (st->len <= 0) {
+        snprintf(err, errlen,
+                 "key 'ocsp_response': cannot read '%s' (a DER OCSP response of 1 byte to %d KiB)",
+                 file, OCSP_MAX_RESPONSE / 1024);
+        free(st);
+        return -1;
+    }
+    if (check_staple(cert, st, err, errlen) == -1) {
+        char q[240];
+        log_quote(q, sizeof(q), err, strlen(err));
+        log_msg(LOG_LVL_WARNING, 0,
+                "event=ocsp_not_stapled cert=%s ocsp_response=%s error=%s msg=\"serving this "
+                "certificate without a stapled OCSP response\"",
+                cert, file, q);
+        err[0] = '\0';
+        free(st->der);
+        free(st);
+        return 0;
+    }
+    /* The issuer must be known to check the response (and, in TLS 1.3, to
+     * parse our own certificate): it is the next certificate of the chain. */
+    if (wolfSSL_CTX_load_verify_locations(ctx, cert, NULL) != WOLFSSL_SUCCESS ||
+        wolfSSL_CTX_EnableOCSPStapling(ctx) != WOLFSSL_SUCCESS ||
+        /* The response comes from the file whatever the certificate's AIA
+         * says (and certificates without an OCSP URL get one too). */
+        wolfSSL_CTX_EnableOCSP(ctx, WOLFSSL_OCSP_URL_OVERRIDE) != WOLFSSL_SUCCESS ||
+        wolfSSL_CTX_SetOCSP_OverrideURL(ctx, "file:") != WOLFSSL_SUCCESS ||
+        wolfSSL_CTX_SetOCSP_Cb(ctx, ocsp_io_cb, ocsp_free_cb, st) != WOLFSSL_SUCCESS) {
+        snprintf(err, errlen, "key 'ocsp_response': cannot enable OCSP stapling for '%s'", cert);
+        free(st->der);
+        free(st);
+        return -1;
+    }
+    st->ctx = ctx;
+    st->next = staples;
+    staples = st;
+    return 1;
+}
+
+void tls_server_ctx_free(WOLFSSL_CTX *ctx)
+{
+    for (struct ocsp_staple **p = &staples; *p; p = &(*p)->next) {
+        if ((*p)->ctx == ctx) {
+            struct ocsp_staple *st = *p;
+            *p = st->next;
+            free(st->der);
+            free(st);
+            break;
+        }
+    }
+    wolfSSL_CTX_free(ctx);
+}
+
 WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, size_t idx, char *err, size_t errlen)
 {
     WOLFSSL_CTX *ctx = wolfSSL_CTX_new(wolfSSLv23_server_method());
@@ -542,11 +714,14 @@ WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, size_t idx, char *err
         goto fail;
     }
     if (wolfSSL_CTX_set_TicketEncCb(ctx, ticket_cb) != WOLFSSL_SUCCESS ||
-        wolfSSL_CTX_set_TicketHint(ctx, TICKET_PERIOD) != WOLFSSL_SUCCESS ||
-        wolfSSL_CTX_set_timeout(ctx, TICKET_PERIOD) != WOLFSSL_SUCCESS) {
+        wolfSSL_CTX_set_TicketHint(ctx, TICKET_PERIOD) != WOLFSSL_SUCCESS) {
         snprintf(err, errlen, "cannot set up session tickets");
         goto fail;
     }
+    /* Sessions (and tickets) live as long as the ticket hint says. With an
+     * OpenSSL-compatible build (Debian's) this returns the old timeout, not
+     * a status, so it is not checked. */
+    wolfSSL_CTX_set_timeout(ctx, TICKET_PERIOD);
     rc = wolfSSL_CTX_use_certificate_chain_file(ctx, cert);
     if (rc != WOLFSSL_SUCCESS) {
         err_string(rc, e, sizeof(e));
@@ -563,6 +738,11 @@ WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, size_t idx, char *err
         snprintf(err, errlen, "key 'key': '%s' does not match the certificate in '%s'", key, cert);
         goto fail;
     }
+    /* The response itself is checked by check_staple(), with the same code
+     * wolfSSL runs for each handshake. */
+    if (idx < li->nocsp && strcmp(li->ocsps[idx], "-") != 0 &&
+        setup_stapling(ctx, cert, li->ocsps[idx], err, errlen) == -1)
+        goto fail;
     err[0] = '\0';
     if (self_test(ctx, e, sizeof(e)) == -1) {
         snprintf(err, errlen,
@@ -573,7 +753,7 @@ WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, size_t idx, char *err
     }
     return ctx;
 fail:
-    wolfSSL_CTX_free(ctx);
+    tls_server_ctx_free(ctx);
     return NULL;
 }
 

@@ -25,10 +25,14 @@ void tls_cleanup(void);
  * certificate pair idx (li->certs[idx], li->keys[idx]): chain and key
  * (checked to match by a test handshake), the listener's TLS floor, a
  * modern cipher list (CBC suites only added when the floor is below 1.2),
- * session tickets under the shared key schedule. Returns the context, or
+ * session tickets under the shared key schedule, and the OCSP response of
+ * li->ocsps[idx] stapled if one is configured. Returns the context, or
  * NULL with err describing the problem.
  */
 WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, size_t idx, char *err, size_t errlen);
+
+/* Frees a context made by tls_server_ctx() and its OCSP response. */
+void tls_server_ctx_free(WOLFSSL_CTX *ctx);
 
 /*
  * Several certificates on one listener: ctxs[i] is li's pair i. The table
