@@ -27,6 +27,7 @@
 #define CLIENT_TIMEOUT 5.0
 
 struct admin_client {
+    struct admin_client *next, **prevp;
     int fd;
     ev_io io;
     ev_timer timer;
@@ -40,12 +41,16 @@ static int listen_fd = -1;
 static ev_io accept_w;
 static int draining;
 static unsigned nclients;
+static struct admin_client *clients;
 
 static void client_free(struct admin_client *a)
 {
     ev_io_stop(EV_DEFAULT, &a->io);
     ev_timer_stop(EV_DEFAULT, &a->timer);
     close(a->fd);
+    *a->prevp = a->next;
+    if (a->next != NULL)
+        a->next->prevp = a->prevp;
     free(a->resp);
     free(a);
     nclients--;
@@ -163,6 +168,11 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
             continue;
         }
         nclients++;
+        a->next = clients;
+        if (clients != NULL)
+            clients->prevp = &a->next;
+        a->prevp = &clients;
+        clients = a;
         a->fd = fd;
         ev_io_init(&a->io, client_cb, fd, EV_READ);
         a->io.data = a;
@@ -223,6 +233,11 @@ void admin_set_draining(void)
 
 void admin_stop(void)
 {
+    /* Also in a freshly forked worker: the connections it inherited are
+     * the master's to serve (a worker that answered too would send a
+     * second response, or hold the connection open after the master's). */
+    while (clients != NULL)
+        client_free(clients);
     if (listen_fd == -1)
         return;
     ev_io_stop(EV_DEFAULT, &accept_w);
