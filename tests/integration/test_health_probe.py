@@ -459,3 +459,33 @@ def test_workers_respawn_during_probe(probe_bridge):
     c = up.wait_done(3 * TF)
     assert c.closed_by_peer and c.end_time - c.start_time < 3.0 + 2 * TF, c
     assert up.connection_count == 1
+
+
+@pytest.mark.deadline(90)
+def test_reload_probes_the_new_upstream(make_bridge, certs, ups):
+    """After SIGHUP the probe uses the new runtime, and a cached result for
+    the old address is not reused. (Workers mode: the master, which reloads,
+    keeps the privileges to read the test's private config.)"""
+    dead = free_port()
+    admin = admin_addr()
+    d = make_bridge("127.0.0.1:%d" % dead, global_opts={"admin": "%s:%d" % admin,
+                                                       "workers": "2"}, health=None)
+    d.wait_log(r"event=worker_ready", timeout=10)
+    code, body, _ = http_get(admin, "/healthz?upstream")
+    assert code == 503 and b"connection refused" in body.lower(), body
+    live = scripted(certs, good_script())
+    ups.append(live)
+    sections = [(h, dict(kv)) for h, kv in d.sections]
+    for h, kv in sections:
+        if h == "upstream":
+            kv["address"] = live.address
+    with open(d.conf, "w") as f:
+        f.write(bl.render_config(sections))
+    d.sections = sections
+    start = len(d.log())
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"event=reload_done", start=start, timeout=10)
+    code, body, _ = http_get(admin, "/healthz?upstream")
+    assert code == 200, body
+    assert lines_of(body)[0].startswith("upstream default %s ok " % live.address), body
+    assert live.connection_count == 1
