@@ -468,7 +468,7 @@ static void run_master(struct ev_loop *loop)
     ev_signal_start(loop, &sig_int);
     ev_signal_start(loop, &sig_hup);
     ev_init(&respawn_timer, respawn_cb);
-    admin_start();
+    admin_start(&rt);
     respawn_cb(loop, NULL, 0);
     log_msg(LOG_LVL_INFO, 0, "event=ready version=%s pid=%d workers=%u listeners=%zu",
             SMTPBRIDGE_VERSION, (int)getpid(), live_workers(0), rt->nlis);
@@ -600,7 +600,7 @@ int main(int argc, char **argv)
     ev_signal_start(loop, &sig_int);
     ev_signal_start(loop, &sig_hup);
     listener_start(rt);
-    admin_start();
+    admin_start(&rt);
     size_t nsock = 0;
     for (size_t i = 0; i < rt->nlis; i++)
         nsock += rt->lis[i].nfds;

@@ -277,3 +277,23 @@ size_t pp_build(int version, const struct sockaddr_storage *src_in,
     }
     return 16 + body;
 }
+
+size_t pp_build_local(int version, uint8_t *out, size_t cap)
+{
+    static const char v1[] = "PROXY UNKNOWN\r\n";
+
+    if (version == 1) {
+        if (cap < sizeof(v1) - 1)
+            return 0;
+        memcpy(out, v1, sizeof(v1) - 1);
+        return sizeof(v1) - 1;
+    }
+    if (version != 2 || cap < 16)
+        return 0;
+    memcpy(out, v2sig, 12);
+    out[12] = 0x20; /* version 2, LOCAL */
+    out[13] = 0x00; /* AF_UNSPEC, UNSPEC */
+    out[14] = 0;
+    out[15] = 0; /* no addresses */
+    return 16;
+}

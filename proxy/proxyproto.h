@@ -39,4 +39,12 @@ int pp_parse(const uint8_t *buf, size_t len, struct pp_result *res, const char *
 size_t pp_build(int version, const struct sockaddr_storage *src, const struct sockaddr_storage *dst,
                 uint8_t *out, size_t cap);
 
+/*
+ * pp_build_local(version, out, cap): a header that carries no addresses: v1
+ * "PROXY UNKNOWN\r\n" or a v2 LOCAL command (what a load balancer's own
+ * health check sends; the receiver keeps the connection's real addresses).
+ * Returns its length, or 0 if out is too small or version is not 1 or 2.
+ */
+size_t pp_build_local(int version, uint8_t *out, size_t cap);
+
 #endif

@@ -219,14 +219,9 @@ static int send_proxy_header(struct session *s)
     uint8_t hdr[PP_MAX_HEADER];
     size_t n = pp_build(ucfg(s)->proxy_protocol, &s->peer, &s->local, hdr, sizeof(hdr));
 
-    if (n == 0) {
-        /* Unknown family (cannot happen for TCP): say so honestly. */
-        static const char v1[] = "PROXY UNKNOWN\r\n";
-        static const uint8_t v2[16] = {0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51,
-                                       0x55, 0x49, 0x54, 0x0A, 0x20, 0x00, 0x00, 0x00};
-        n = ucfg(s)->proxy_protocol == 1 ? sizeof(v1) - 1 : sizeof(v2);
-        memcpy(hdr, ucfg(s)->proxy_protocol == 1 ? (const void *)v1 : (const void *)v2, n);
-    }
+    /* Unknown family (cannot happen for TCP): say so honestly. */
+    if (n == 0)
+        n = pp_build_local(ucfg(s)->proxy_protocol, hdr, sizeof(hdr));
     if (send(s->u.fd, hdr, n, MSG_NOSIGNAL) != (ssize_t)n) {
         upstream_fail(s, NULL, "cannot send the PROXY header: %s", strerror(errno));
         return -1;

@@ -707,6 +707,29 @@ static void test_build_families(void)
     }
 }
 
+/* The address-less headers a health probe sends: exact bytes, and the
+ * parser reads them back as "local". */
+static void test_build_local(void)
+{
+    static const uint8_t v2[16] = {0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51,
+                                   0x55, 0x49, 0x54, 0x0A, 0x20, 0x00, 0x00, 0x00};
+    uint8_t out[PP_MAX_HEADER];
+    struct pp_result res;
+    const char *err;
+
+    CHECK(pp_build_local(1, out, sizeof(out)) == 15);
+    CHECK(memcmp(out, "PROXY UNKNOWN\r\n", 15) == 0);
+    CHECK(parse(out, 15, &res, &err) == 15 && res.local == 1 && res.version == 1);
+    CHECK(pp_build_local(2, out, sizeof(out)) == 16);
+    CHECK(memcmp(out, v2, 16) == 0);
+    CHECK(parse(out, 16, &res, &err) == 16 && res.local == 1 && res.version == 2);
+    /* too small, or no such version: nothing written */
+    CHECK(pp_build_local(1, out, 14) == 0);
+    CHECK(pp_build_local(2, out, 15) == 0);
+    CHECK(pp_build_local(0, out, sizeof(out)) == 0);
+    CHECK(pp_build_local(3, out, sizeof(out)) == 0);
+}
+
 /* ------------------------------------------------------------------------ */
 /* smtp_xtext (proxy/smtp.c)                                                */
 /* ------------------------------------------------------------------------ */
@@ -803,6 +826,7 @@ int main(void)
     test_build_v1();
     test_build_v2();
     test_build_families();
+    test_build_local();
     test_xtext();
 
     printf("%d passed, %d failed\n", n_passed, n_failed);
