@@ -270,6 +270,20 @@ static int *old_fd(struct runtime *old, const char *spec)
     return NULL;
 }
 
+void runtime_resolve_stale(struct runtime *rt)
+{
+    for (size_t i = 0; i < rt->nups; i++) {
+        struct upstream_rt *up = &rt->ups[i];
+        if (!up->stale)
+            continue;
+        free(up->targets);
+        up->targets = NULL;
+        up->ntargets = 0;
+        resolve_now(up);
+        up->stale = 0;
+    }
+}
+
 /*
  * A reload copies the addresses of every name the running runtime already
  * resolved (same host and port), so it never waits for DNS; a name it does

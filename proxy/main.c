@@ -444,6 +444,10 @@ static void master_hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
         workers[i].marked = workers[i].pid > 0 && !workers[i].retiring;
     if (reload_runtime() == -1)
         return;
+    /* Names new in this reload: the master has no background resolver (its
+     * loop only supervises and answers the admin endpoint), so it resolves
+     * them here, once, and the new workers start with the addresses. */
+    runtime_resolve_stale(rt);
     for (size_t i = 0; i < sizeof(workers) / sizeof(workers[0]); i++)
         if (workers[i].marked && workers[i].pid > 0) {
             workers[i].retiring = 1;

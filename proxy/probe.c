@@ -78,11 +78,12 @@ struct probe {
     WOLFSSL *ssl;
     ev_io io;
     ev_timer timer;
-    int revents;     /* of the event being handled */
-    size_t ai_next;  /* index of the address being tried */
-    size_t naddr;    /* addresses known at the start: the attempts allowed */
-    ev_tstamp start; /* wall clock (ev_time), for the reported duration */
-    ev_tstamp until; /* loop time by which the result is reported at the latest */
+    int revents;                     /* of the event being handled */
+    size_t ai_next;                  /* index of the address being tried */
+    size_t naddr;                    /* addresses known at the start: the attempts allowed */
+    struct upstream_target *targets; /* a copy: a re-resolution may replace the runtime's */
+    ev_tstamp start;                 /* wall clock (ev_time), for the reported duration */
+    ev_tstamp until;                 /* loop time by which the result is reported at the latest */
     char peer[INET6_ADDRSTRLEN + 8];
     char out[SMTP_MAX_COMMAND_LINE];
     size_t out_off, out_len;
@@ -293,6 +294,7 @@ static void probe_free(struct probe *p)
     ev_timer_stop(EV_DEFAULT, &p->timer);
     runtime_unref(p->rt);
     free(p->in);
+    free(p->targets);
     free(p);
 }
 
@@ -365,28 +367,33 @@ static void fail_quit(struct probe *p, const char *fmt, ...)
     enter(p, ST_QUIT);
 }
 
+/* The name the certificate of the address being tried must carry. */
+static const char *probe_name(const struct probe *p)
+{
+    return p->up->cfg->addrs[p->targets[p->ai_next].addr].server_name;
+}
+
 /* Dials the next resolved address; 0, or -1 (then reported) if none is left. */
 static int dial_next(struct probe *p)
 {
-    const struct addrinfo *ai = p->up->ai;
     char err[128] = "no address", host[INET6_ADDRSTRLEN], port[8];
     int fd, one = 1;
 
     probe_close_fd(p);
-    for (size_t i = 0; ai != NULL && i < p->ai_next; i++)
-        ai = ai->ai_next;
-    for (; ai != NULL && p->ai_next < p->naddr; ai = ai->ai_next, p->ai_next++) {
-        if (getnameinfo(ai->ai_addr, ai->ai_addrlen, host, sizeof(host), port, sizeof(port),
+    for (; p->ai_next < p->naddr; p->ai_next++) {
+        const struct upstream_target *t = &p->targets[p->ai_next];
+        const struct sockaddr *sa = (const struct sockaddr *)&t->sa;
+        if (getnameinfo(sa, t->salen, host, sizeof(host), port, sizeof(port),
                         NI_NUMERICHOST | NI_NUMERICSERV) == 0)
-            snprintf(p->peer, sizeof(p->peer), ai->ai_family == AF_INET6 ? "[%s]:%s" : "%s:%s",
+            snprintf(p->peer, sizeof(p->peer), sa->sa_family == AF_INET6 ? "[%s]:%s" : "%s:%s",
                      host, port);
-        fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd == -1) {
             snprintf(err, sizeof(err), "socket: %s", strerror(errno));
             continue;
         }
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        if (connect(fd, ai->ai_addr, ai->ai_addrlen) == -1 && errno != EINPROGRESS) {
+        if (connect(fd, sa, t->salen) == -1 && errno != EINPROGRESS) {
             snprintf(err, sizeof(err), "%s", strerror(errno));
             close(fd);
             continue;
@@ -530,7 +537,7 @@ static void connected(struct probe *p)
         }
     }
     if (u->tls == UPSTREAM_TLS_IMPLICIT) {
-        p->ssl = tls_client_ssl(p->up->ctx, u, p->fd);
+        p->ssl = tls_client_ssl(p->up->ctx, u, probe_name(p), p->fd);
         if (p->ssl == NULL) {
             FAIL(p, "cannot create a TLS session");
             return;
@@ -592,7 +599,7 @@ static int advance(struct probe *p)
             if (e == WOLFSSL_ERROR_WANT_WRITE)
                 return EV_WRITE;
             char m[200];
-            FAIL(p, "TLS handshake (name %s) failed: %s", u->server_name,
+            FAIL(p, "TLS handshake (name %s) failed: %s", probe_name(p),
                  tls_describe_error(p->ssl, n, m, sizeof(m)));
             return -1;
         }
@@ -650,7 +657,7 @@ static int advance(struct probe *p)
             fail_quit(p, "STARTTLS was answered %d, not 220", r.code);
             return 0;
         }
-        p->ssl = tls_client_ssl(p->up->ctx, u, p->fd);
+        p->ssl = tls_client_ssl(p->up->ctx, u, probe_name(p), p->fd);
         if (p->ssl == NULL) {
             FAIL(p, "cannot create a TLS session");
             return -1;
@@ -741,8 +748,10 @@ static void probe_start(struct target *t, struct runtime *rt, struct upstream_rt
     p->fd = -1;
     p->start = ev_time();
     snprintf(p->peer, sizeof(p->peer), "%s", u->address);
-    for (const struct addrinfo *ai = up->ai; ai != NULL; ai = ai->ai_next)
-        p->naddr++;
+    if (up->ntargets > 0 && (p->targets = malloc(up->ntargets * sizeof(*p->targets))) != NULL) {
+        memcpy(p->targets, up->targets, up->ntargets * sizeof(*p->targets));
+        p->naddr = up->ntargets;
+    }
     /* connect_timeout per address, reply_timeout per step (greeting, EHLO,
      * STARTTLS and the handshake at most). */
     p->until = ev_now(EV_DEFAULT) + (double)p->naddr * u->connect_timeout +
@@ -757,7 +766,7 @@ static void probe_start(struct target *t, struct runtime *rt, struct upstream_rt
     p->next = probes;
     probes = p;
     t->running = p;
-    if (up->ai == NULL) {
+    if (p->naddr == 0) {
         /* Hurry the resolver (where it runs: not in a workers' master). */
         upstream_rt_refresh(up);
         report(p, 0, "cannot resolve %s: %s", u->address,

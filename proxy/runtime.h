@@ -83,6 +83,10 @@ struct runtime {
  */
 struct runtime *runtime_build(struct config *cfg, int bind_sockets, struct runtime *old);
 
+/* Resolves, blocking, the upstreams with a name the build could not copy
+ * from the old runtime (for a process that serves no sessions). */
+void runtime_resolve_stale(struct runtime *rt);
+
 /* Drops a reference; frees everything when the last one goes. */
 void runtime_unref(struct runtime *rt);
 

@@ -470,7 +470,9 @@ static int sni_cb(WOLFSSL *ssl, int *alert, void *arg)
     WOLFSSL_CTX *ctx = tls_sni_lookup(t, name);
 
     (void)alert;
-    if (ctx != t->dflt && wolfSSL_set_SSL_CTX(ssl, ctx) == NULL)
+    /* A no-op when the session was made from that context already (the
+     * usual case: client.c picked it from the ClientHello). */
+    if (wolfSSL_set_SSL_CTX(ssl, ctx) == NULL)
         return fatal_return;
     return 0;
 }
@@ -501,8 +503,12 @@ struct tls_sni *tls_sni_new(const struct listener_cfg *li, WOLFSSL_CTX *const *c
             return NULL;
         }
     }
-    wolfSSL_CTX_set_servername_callback(ctxs[0], sni_cb);
-    wolfSSL_CTX_set_servername_arg(ctxs[0], t);
+    /* On every context: wolfSSL keeps the client's name (for the logs)
+     * only when the context has an SNI callback. */
+    for (size_t i = 0; i < li->ncerts; i++) {
+        wolfSSL_CTX_set_servername_callback(ctxs[i], sni_cb);
+        wolfSSL_CTX_set_servername_arg(ctxs[i], t);
+    }
     return t;
 }
 
