@@ -26,7 +26,7 @@ WOLFSSL   ?= static
 WOLFSSL_DIR := build/wolfssl
 ifeq ($(WOLFSSL),static)
   SUFFIX  :=
-  WOLF_INC := -I$(WOLFSSL_DIR)/include
+  WOLF_INC := -I$(WOLFSSL_DIR)/include -DSMTPBRIDGE_OWN_WOLFSSL=1
   WOLF_LIB := $(WOLFSSL_DIR)/lib/libwolfssl.a -lm -lpthread
   WOLF_DEP := $(WOLFSSL_DIR)/lib/libwolfssl.a
 else ifeq ($(WOLFSSL),system)

@@ -504,7 +504,8 @@ int main(int argc, char **argv)
             debug_logging = 1;
             break;
         case 'V':
-            printf("smtpbridge %s (wolfSSL %s)\n", SMTPBRIDGE_VERSION, wolfSSL_lib_version());
+            printf("smtpbridge %s (wolfSSL %s, %s)\n", SMTPBRIDGE_VERSION, wolfSSL_lib_version(),
+                   tls_own_build() ? "the project's build" : "the system library");
             return 0;
         case 'h':
             usage(stdout);

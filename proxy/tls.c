@@ -522,6 +522,15 @@ void tls_sni_free(struct tls_sni *t)
     free(t);
 }
 
+int tls_own_build(void)
+{
+#ifdef SMTPBRIDGE_OWN_WOLFSSL
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* ---- OCSP stapling from a file ----
  *
  * The operator keeps a DER OCSP response per certificate up to date (e.g.
@@ -632,7 +641,16 @@ out:
 static int setup_stapling(WOLFSSL_CTX *ctx, const char *cert, const char *file, char *err,
                           size_t errlen)
 {
-    struct ocsp_staple *st = calloc(1, sizeof(*st));
+    struct ocsp_staple *st;
+
+    if (!tls_own_build()) {
+        snprintf(err, errlen,
+                 "key 'ocsp_response': needs the project's wolfSSL build (make WOLFSSL=static): "
+                 "wolfSSL 5.5.4 as packaged leaks memory on every TLS 1.3 handshake that "
+                 "staples a response (fixed by scripts/wolfssl-patches/)");
+        return -1;
+    }
+    st = calloc(1, sizeof(*st));
 
     if (st == NULL) {
         snprintf(err, errlen, "out of memory");

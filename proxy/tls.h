@@ -16,6 +16,10 @@
 
 #include "config.h"
 
+/* Whether this binary links the project's own wolfSSL build (with its
+ * fixes, scripts/wolfssl-patches/) rather than the system library. */
+int tls_own_build(void);
+
 /* Library set-up and tear-down; call once per process. Returns 0 or -1. */
 int tls_init(void);
 void tls_cleanup(void);

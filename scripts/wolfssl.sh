@@ -47,7 +47,11 @@ flags=(
     # where OPENSSL_ALL would enlarge every session and the build.
     "CPPFLAGS=-DWOLFSSL_GETRANDOM -DHAVE_SBLIM_SFCB"
 )
-want_stamp="flags: ${flags[*]}"
+# Our own fixes to wolfSSL, applied on top of Debian's patches (each file
+# says what it fixes and why); they are part of the stamp, so changing one
+# rebuilds the library.
+patches=("$top"/scripts/wolfssl-patches/*.patch)
+want_stamp="flags: ${flags[*]} patches: $(cat "${patches[@]}" | sha256sum | cut -c1-16)"
 
 # ---- cached? ----
 cached() {
@@ -81,7 +85,7 @@ need_pkgs() {
     apt-get install -y -qq --no-install-recommends $missing >>"$log" 2>&1 ||
         die "cannot install$missing (see $log)"
 }
-need_pkgs dpkg-dev autoconf automake libtool make gcc
+need_pkgs dpkg-dev autoconf automake libtool make gcc patch
 
 # ---- private apt configuration: the system's entries as deb-src ----
 # Writes converted copies of the enabled source files; files with other
@@ -194,6 +198,9 @@ work="$src_dir/work"
 rm -rf "$work"
 cp -a "$src_dir/src" "$work"
 cd "$work"
+for p in "${patches[@]}"; do
+    patch -p1 --forward --quiet <"$p" >>"$log" 2>&1 || die "cannot apply $p (see $log)"
+done
 ./configure --prefix="$out" "${flags[@]}" >>"$log" 2>&1 || die "configure failed (see $log)"
 # Flags this version does not know are only warned about by configure.
 if grep -q "unrecognized options" "$log"; then

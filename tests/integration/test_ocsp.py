@@ -25,6 +25,16 @@ from test_operations import (hup_and_wait, ops_bridge, pem_cert_sha, pubdir,  # 
 from test_sni import SNI_CERTS, quit_, sni_listener_opts, _wrap
 
 
+def own_wolfssl():
+    """Stapling needs the project's wolfSSL (its leak fixes); with Debian's
+    library the daemon refuses ocsp_response."""
+    cp = bl.run([bl.BIN, "-V"], timeout=20)
+    return b"the project's build" in cp.stdout
+
+
+needs_own = pytest.mark.skipif(not own_wolfssl(), reason="stapling needs the project's wolfSSL")
+
+
 def openssl(*args, **kw):
     return subprocess.run(["openssl"] + list(args), capture_output=True, timeout=30, **kw)
 
@@ -90,6 +100,7 @@ def ocsp_files(pubdir, certs):
     return d
 
 
+@needs_own
 @pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
 def test_response_is_stapled(make_bridge, upstream, certs, ocsp_files, version):
     resp = make_ocsp(certs, "proxy", os.path.join(ocsp_files, "proxy.der"))
@@ -102,6 +113,7 @@ def test_response_is_stapled(make_bridge, upstream, certs, ocsp_files, version):
     assert "event=ocsp_not_stapled" not in d.log()
 
 
+@needs_own
 @pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
 def test_each_sni_certificate_gets_its_own_response(make_bridge, upstream, certs, ocsp_files,
                                                     version):
@@ -123,6 +135,7 @@ def test_each_sni_certificate_gets_its_own_response(make_bridge, upstream, certs
             (sni, got)
 
 
+@needs_own
 @pytest.mark.parametrize("what", ["garbage", "other-certificate", "no-issuer-in-chain",
                                   "revoked"])
 def test_unusable_response_is_not_stapled_and_tls_still_works(make_bridge, upstream, certs,
@@ -152,6 +165,7 @@ def test_unusable_response_is_not_stapled_and_tls_still_works(make_bridge, upstr
         assert cn == "localhost"
 
 
+@needs_own
 def test_reload_picks_up_a_refreshed_response(ops_bridge, certs, ocsp_files, pubdir):
     path = os.path.join(ocsp_files, "proxy.der")
     with open(path, "wb") as f:
@@ -172,6 +186,17 @@ def test_reload_picks_up_a_refreshed_response(ops_bridge, certs, ocsp_files, pub
     hup_and_wait(d)
     got, _ = staple(d.addr("smtps"), certs=certs)
     assert got is not None and got[1] == "good", got
+
+
+@pytest.mark.skipif(own_wolfssl(), reason="only the system library refuses stapling")
+def test_system_wolfssl_refuses_stapling(make_bridge, upstream, certs, ocsp_files):
+    resp = make_ocsp(certs, "proxy", os.path.join(ocsp_files, "proxy.der"))
+    d = make_bridge(upstream.address, start=False, listener_opts={"smtps": {
+        "cert": chain(certs, "proxy", os.path.join(ocsp_files, "proxy-chain.pem")),
+        "ocsp_response": resp}})
+    cp = bl.run([bl.BIN, "-t", "-c", d.conf], timeout=20)
+    err = cp.stderr.decode()
+    assert cp.returncode != 0 and "needs the project's wolfSSL build" in err, err
 
 
 def test_config_errors(make_bridge, upstream, certs, tmp_path):
