@@ -64,7 +64,7 @@ deps-build:
 $(BUILD)/obj/%.o: proxy/%.c $(wildcard proxy/*.h) $(WOLF_DEP) | $(BUILD)/obj
 	$(CC) $(STD) $(CFLAGS) $(WARN) $(CPPFLAGS) $(WOLF_INC) -DSMTPBRIDGE_VERSION='"$(VERSION)"' -c $< -o $@
 
-$(WOLFSSL_DIR)/lib/libwolfssl.a: scripts/wolfssl.sh
+$(WOLFSSL_DIR)/lib/libwolfssl.a: scripts/wolfssl.sh $(wildcard scripts/wolfssl-patches/*.patch)
 	scripts/wolfssl.sh $(WOLFSSL_DIR)
 
 $(BIN): $(OBJS)
