@@ -280,6 +280,26 @@ struct worker {
 static struct worker workers[2 * MAX_WORKERS];
 static int master_stopping;
 static ev_timer respawn_timer;
+/* Ratchets the ticket key schedule every minute even without traffic. The
+ * master encrypts no tickets, but it holds the ticket key schedule the
+ * workers are forked with: it ratchets too, or its memory would keep every
+ * hour's key derivable. */
+static ev_timer ticket_timer;
+
+static void ticket_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)w;
+    (void)revents;
+    tls_ticket_keys_advance();
+}
+
+static void start_ticket_timer(struct ev_loop *loop)
+{
+    ev_timer_init(&ticket_timer, ticket_timer_cb, 60., 60.);
+    ev_timer_start(loop, &ticket_timer);
+    ev_unref(loop);
+}
 
 static unsigned wanted_workers(const struct config *cfg)
 {
@@ -311,6 +331,8 @@ static void worker_main(struct runtime *r, int slot)
         if (workers[i].pid > 0)
             ev_child_stop(loop, &workers[i].watcher);
     ev_timer_stop(loop, &respawn_timer);
+    ev_ref(loop); /* ticket_timer was unref'd (it must not keep a loop alive) */
+    ev_timer_stop(loop, &ticket_timer);
     ev_signal_stop(loop, &sig_term);
     ev_signal_stop(loop, &sig_int);
     ev_signal_stop(loop, &sig_hup);
@@ -472,6 +494,7 @@ static void run_master(struct ev_loop *loop)
     ev_signal_start(loop, &sig_int);
     ev_signal_start(loop, &sig_hup);
     ev_init(&respawn_timer, respawn_cb);
+    start_ticket_timer(loop);
     admin_start(&rt);
     respawn_cb(loop, NULL, 0);
     log_msg(LOG_LVL_INFO, 0, "event=ready version=%s pid=%d workers=%u listeners=%zu",
@@ -605,6 +628,7 @@ int main(int argc, char **argv)
     ev_signal_start(loop, &sig_int);
     ev_signal_start(loop, &sig_hup);
     listener_start(rt);
+    start_ticket_timer(loop);
     admin_start(&rt);
     size_t nsock = 0;
     for (size_t i = 0; i < rt->nlis; i++)

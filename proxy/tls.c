@@ -317,8 +317,10 @@ int tls_init(void)
 }
 
 /* Moves the schedule to the current hour. */
-static void ticket_advance(void)
+void tls_ticket_keys_advance(void)
 {
+    if (!tk.ready)
+        return;
     uint64_t now = (uint64_t)time(NULL) / TICKET_PERIOD;
 
     if (now <= tk.epoch)
@@ -358,7 +360,7 @@ static int ticket_cb(WOLFSSL *ssl, unsigned char key_name[WOLFSSL_TICKET_NAME_SZ
     (void)arg;
     if (!tk.ready || len < 0)
         return WOLFSSL_TICKET_RET_FATAL;
-    ticket_advance();
+    tls_ticket_keys_advance();
     if (enc) {
         ticket_name(tk.epoch, key_name);
         if (getrandom(iv, CHACHA20_POLY1305_AEAD_IV_SIZE, 0) != CHACHA20_POLY1305_AEAD_IV_SIZE)

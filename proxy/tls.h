@@ -58,6 +58,10 @@ void tls_sni_free(struct tls_sni *t);
  */
 int tls_ticket_keys_init(void);
 
+/* Ratchets the schedule to the current hour, forgetting older keys (done
+ * on use; a process that uses none, the workers' master, calls it). */
+void tls_ticket_keys_advance(void);
+
 /*
  * tls_client_ctx(u, err, errlen): a client context for an upstream: TLS 1.2
  * floor (or u->min_tls), peer verification against u->ca_file unless
