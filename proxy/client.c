@@ -691,6 +691,8 @@ int client_step(struct session *s)
             return 0;
         slog(s, LOG_LVL_DEBUG, "event=client_tls version=%s cipher=%s", c->tls_version,
              c->tls_cipher);
+        if (wolfSSL_session_reused(c->ssl) == 1)
+            metrics_client_resumed();
         /* RFC 3207 4.2: after STARTTLS the client starts afresh with EHLO and
          * gets no new greeting; after implicit TLS it gets the greeting. */
         if (!s->client_tls_seen && s->li->cfg->mode == LISTENER_IMPLICIT)

@@ -26,7 +26,7 @@ struct shared {
     size_t nlisteners;
     struct listener_metrics overflow;
     uint64_t tls_failures[2][3];
-    uint64_t dial_count[16], dial_n, resumed_n;
+    uint64_t dial_count[16], dial_n, resumed_n, failovers, client_resumed;
     double dial_sum;
     uint64_t bytes_c2u, bytes_u2c, auth_ok, auth_failed;
 };
@@ -177,6 +177,18 @@ void metrics_dial(double seconds, int resumed)
         ADD(m->resumed_n, 1);
 }
 
+void metrics_failover(void)
+{
+    shared_get();
+    ADD(m->failovers, 1);
+}
+
+void metrics_client_resumed(void)
+{
+    shared_get();
+    ADD(m->client_resumed, 1);
+}
+
 void metrics_auth(int ok)
 {
     shared_get();
@@ -275,6 +287,18 @@ void metrics_render(FILE *out)
             "# TYPE smtpbridge_upstream_tls_resumed_total counter\n"
             "smtpbridge_upstream_tls_resumed_total %llu\n",
             (unsigned long long)GET(m->resumed_n));
+    fprintf(out,
+            "# HELP smtpbridge_upstream_failovers_total Upstream addresses given up for the "
+            "next one (no connect, or no 220 greeting).\n"
+            "# TYPE smtpbridge_upstream_failovers_total counter\n"
+            "smtpbridge_upstream_failovers_total %llu\n",
+            (unsigned long long)GET(m->failovers));
+    fprintf(out,
+            "# HELP smtpbridge_client_tls_resumed_total Client TLS handshakes that resumed a "
+            "session (a ticket).\n"
+            "# TYPE smtpbridge_client_tls_resumed_total counter\n"
+            "smtpbridge_client_tls_resumed_total %llu\n",
+            (unsigned long long)GET(m->client_resumed));
     fprintf(out,
             "# HELP smtpbridge_bytes_total Bytes relayed, by direction.\n"
             "# TYPE smtpbridge_bytes_total counter\n"

@@ -56,6 +56,10 @@ void metrics_session_end(struct listener_metrics *l, enum end_kind kind, uint64_
 void metrics_tls_failure(const char *side, const char *cause);
 void metrics_dial(double seconds, int resumed);
 void metrics_auth(int ok);
+/* An upstream address was given up for the next one. */
+void metrics_failover(void);
+/* A client TLS handshake resumed a session. */
+void metrics_client_resumed(void);
 
 /* Writes every metric in the Prometheus text exposition format. */
 void metrics_render(FILE *out);

@@ -58,6 +58,7 @@ static void redial(struct session *s, const char *why)
     log_quote(q, sizeof(q), why, strlen(why));
     slog(s, LOG_LVL_INFO, "event=upstream_retry upstream=%s stage=%s reason=%s", uaddr(s)->spec,
          stage_name(s->uphase), q);
+    metrics_failover();
     conn_release(&s->u);
     s->u.tls_version = s->u.tls_cipher = NULL;
     s->u.handshaking = s->u.tls_up = 0;

@@ -17,8 +17,8 @@ import pytest
 import bridgelib as bl
 from bridgelib import TF, free_port
 from scripted_upstream import BlackholeListener, ScriptedUpstream, good_script
-from test_operations import (edit, full_session, hup_and_wait, ops_bridge, pubdir,  # noqa: F401
-                             tls_client, wait_events, write_config)
+from test_operations import (edit, full_session, hup_and_wait, metrics, ops_bridge,  # noqa: F401
+                             pubdir, tls_client, wait_events, write_config)
 from test_upstream_failures import client_gets_421
 
 
@@ -33,8 +33,11 @@ def session_ends(d):
 
 def test_first_address_refused_second_serves(make_bridge, upstream, certs):
     first = "127.0.0.1:%d" % closed_port()
-    d = make_bridge("%s, %s" % (first, upstream.address))
+    admin = ("127.0.0.1", free_port())
+    d = make_bridge("%s, %s" % (first, upstream.address),
+                    global_opts={"admin": "%s:%d" % admin})
     full_session(certs, d.addr("smtps"), tag="failover-refused")
+    assert metrics(admin)["smtpbridge_upstream_failovers_total"] == 1
     stored = upstream.wait_messages(1)
     assert len(stored) == 1 and b"failover-refused" in stored[0][1], stored
     retry = d.wait_log(r"event=upstream_retry")

@@ -16,8 +16,8 @@ import pytest
 
 import bridgelib as bl
 from bridgelib import RawClient, free_port
-from test_operations import (hup_and_wait, ops_bridge, pem_cert_sha, pubdir,  # noqa: F401
-                             sha, sid_owner, wait_events)
+from test_operations import (hup_and_wait, metrics, ops_bridge, pem_cert_sha,  # noqa: F401
+                             pubdir, sha, sid_owner, wait_events)
 
 SNI_CERTS = ("proxy", "sni-mail", "sni-wild", "sni-cn")
 
@@ -189,9 +189,11 @@ def resume_round(d, certs, listener, n, max_version=None, sni=None):
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 def test_client_session_resumption(make_bridge, upstream, certs, version):
-    d = make_bridge(upstream.address)
+    admin = ("127.0.0.1", free_port())
+    d = make_bridge(upstream.address, global_opts={"admin": "%s:%d" % admin})
     reused = resume_round(d, certs, "smtps", 3, max_version=version)
     assert all(reused), reused
+    assert metrics(admin)["smtpbridge_client_tls_resumed_total"] == 3
     wait_events(d, "session_end", 4)
     ends = d.events("session_end")
     assert sum(1 for e in ends if e.get("client_resumed") == "yes") == 3, \
