@@ -128,10 +128,10 @@ test-asan:
 	  UBSAN_OPTIONS=print_stacktrace=1 $(PYTHON) -m pytest -q tests/integration
 
 FUZZ_SECONDS ?= 45
-test-fuzz:
+test-fuzz: $(WOLFSSL_DIR)/lib/libwolfssl.a
 	tests/fuzz/run.sh $(FUZZ_SECONDS)
 
-fuzz:
+fuzz: $(WOLFSSL_DIR)/lib/libwolfssl.a
 	tests/fuzz/run.sh 600
 
 format:
