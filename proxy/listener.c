@@ -476,10 +476,12 @@ static void resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
         set_watchers(active, 1);
 }
 
-void listener_start(struct runtime *rt)
+void runtime_resolver_start(struct runtime *rt)
 {
     for (size_t i = 0; i < rt->nups; i++) {
         struct upstream_rt *up = &rt->ups[i];
+        if (ev_is_active(&up->resolved))
+            continue;
         ev_async_init(&up->resolved, resolved_cb);
         up->resolved.data = up;
         ev_async_start(EV_DEFAULT, &up->resolved);
@@ -491,6 +493,26 @@ void listener_start(struct runtime *rt)
             upstream_rt_refresh(up);
         up->stale = 0;
     }
+}
+
+void runtime_resolver_forget(struct runtime *rt)
+{
+    for (size_t i = 0; i < rt->nups; i++) {
+        struct upstream_rt *up = &rt->ups[i];
+        ev_async_stop(EV_DEFAULT, &up->resolved);
+        ev_timer_stop(EV_DEFAULT, &up->refresh);
+        /* A lookup the parent had in flight runs in the parent's thread:
+         * its answer never comes here. Ask again. */
+        up->stale = up->stale || up->busy || up->ntargets == 0;
+        up->busy = 0;
+        for (size_t j = 0; j < UPSTREAM_MAX_ADDRS; j++)
+            up->gai[j].ar_result = NULL; /* the parent's to free */
+    }
+}
+
+void listener_start(struct runtime *rt)
+{
+    runtime_resolver_start(rt);
     active = rt;
     ev_init(&resume_timer, resume_cb);
     set_watchers(rt, 1);

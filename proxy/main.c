@@ -327,9 +327,14 @@ static void worker_main(struct runtime *r, int slot)
 
     ev_loop_fork(loop);
     metrics_set_slot(slot);
-    for (size_t i = 0; i < sizeof(workers) / sizeof(workers[0]); i++)
+    /* The master's resolvers, for every runtime it holds, are its own. */
+    runtime_resolver_forget(rt);
+    for (size_t i = 0; i < sizeof(workers) / sizeof(workers[0]); i++) {
         if (workers[i].pid > 0)
             ev_child_stop(loop, &workers[i].watcher);
+        if (workers[i].rt != NULL)
+            runtime_resolver_forget(workers[i].rt);
+    }
     ev_timer_stop(loop, &respawn_timer);
     ev_ref(loop); /* ticket_timer was unref'd (it must not keep a loop alive) */
     ev_timer_stop(loop, &ticket_timer);
@@ -339,6 +344,7 @@ static void worker_main(struct runtime *r, int slot)
     signal(SIGHUP, SIG_IGN); /* the master reloads; workers are replaced */
     admin_stop();            /* the master serves /metrics (shared counters) */
     rt = r;
+    runtime_resolver_forget(rt);
     if (drop_privileges(rt->cfg) == -1)
         _exit(1);
     ev_signal_init(&sig_term, stop_cb, SIGTERM);
@@ -466,9 +472,12 @@ static void master_hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
         workers[i].marked = workers[i].pid > 0 && !workers[i].retiring;
     if (reload_runtime() == -1)
         return;
-    /* Names new in this reload: the master has no background resolver (its
-     * loop only supervises and answers the admin endpoint), so it resolves
-     * them here, once, and the new workers start with the addresses. */
+    /* Names new in this reload: the master resolves them here, blocking its
+     * own loop (which serves no mail) for that lookup only, so that the new
+     * workers and the master's /healthz probes start with addresses. It
+     * must not use getaddrinfo_a: glibc's resolver threads do not survive
+     * fork, and a worker forked while one idles inherits a request queue
+     * nobody serves (seen: sessions waiting for an answer that never came). */
     runtime_resolve_stale(rt);
     for (size_t i = 0; i < sizeof(workers) / sizeof(workers[0]); i++)
         if (workers[i].marked && workers[i].pid > 0) {

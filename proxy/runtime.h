@@ -83,8 +83,18 @@ struct runtime {
  */
 struct runtime *runtime_build(struct config *cfg, int bind_sockets, struct runtime *old);
 
-/* Resolves, blocking, the upstreams with a name the build could not copy
- * from the old runtime (for a process that serves no sessions). */
+/* Starts background resolution (every upstream re-resolved periodically,
+ * names new in a reload at once) in this process; listener_start() does. */
+void runtime_resolver_start(struct runtime *rt);
+
+/* In a worker just forked: forgets watchers and lookups of the parent
+ * (none today: the master resolves only with blocking getaddrinfo) and
+ * marks upstreams without addresses to be resolved at once when
+ * listener_start() runs. */
+void runtime_resolver_forget(struct runtime *rt);
+
+/* Resolves, blocking, the names new in a reload (the workers' master, which
+ * serves no mail, before forking new workers). */
 void runtime_resolve_stale(struct runtime *rt);
 
 /* Drops a reference; frees everything when the last one goes. */

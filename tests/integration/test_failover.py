@@ -17,8 +17,8 @@ import pytest
 import bridgelib as bl
 from bridgelib import TF, free_port
 from scripted_upstream import BlackholeListener, ScriptedUpstream, good_script
-from test_operations import (edit, full_session, hup_and_wait, metrics, ops_bridge,  # noqa: F401
-                             pubdir, tls_client, wait_events, write_config)
+from test_operations import (edit, full_session, get, hup_and_wait, metrics,  # noqa: F401
+                             ops_bridge, pubdir, tls_client, wait_events, write_config)
 from test_upstream_failures import client_gets_421
 
 
@@ -159,20 +159,35 @@ def test_explicit_server_name_applies_to_every_address(make_bridge, certs):
         up.stop()
 
 
-def test_reload_to_a_new_name_resolves_in_the_background(ops_bridge, upstream, certs):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reload_to_a_new_name_resolves_in_the_background(ops_bridge, upstream, certs, workers):
     """A reload that introduces a name the running daemon never resolved
-    does not resolve it in the event loop: the new runtime asks glibc's
-    resolver thread and sessions wait for the answer."""
-    d = ops_bridge()
+    does not resolve it in an event loop: the new runtime asks glibc's
+    resolver thread and sessions wait for the answer. With workers, the
+    master (which serves no mail) resolves it once before forking the new
+    workers, so they and its /healthz?upstream probe have the addresses."""
+    admin = ("127.0.0.1", free_port())
+    d = ops_bridge(global_opts={"workers": str(workers), "admin": "%s:%d" % admin,
+                                "max_sessions_per_ip": "0"})
+    if workers > 1:
+        wait_events(d, "worker_ready", workers)
     port = upstream.address.rsplit(":", 1)[1]
     full_session(certs, d.addr("smtps"), tag="before")
     sections = edit(d.sections, "upstream", address="localhost:%s" % port,
                     server_name="localhost")
     write_config(d, sections)
     hup_and_wait(d)
+    if workers > 1:
+        wait_events(d, "worker_ready", 2 * workers)
     full_session(certs, d.addr("smtps"), tag="after")
-    line = d.wait_log(r"event=resolved upstream=localhost:%s" % port)
-    assert "addresses=" in line, line
+    if workers == 1:
+        # the single process's own loop asked glibc's resolver thread
+        line = d.wait_log(r"event=resolved upstream=localhost:%s" % port)
+        assert "addresses=" in line, line
     end = wait_events(d, "session_end", 2)[1]
     assert end.get("upstream") == "localhost:%s" % port, end
     assert len(upstream.wait_messages(2)) == 2
+    # the admin endpoint (the master, with workers) probes the new name
+    code, _, body, _, _ = get(admin, "/healthz?upstream")
+    assert code == 200, body
+    assert b":%s ok" % port.encode() in body, body
