@@ -231,3 +231,49 @@ def test_resumption_across_workers_and_reload(ops_bridge, certs):
     assert w.read_reply().code == 220
     assert w.sock.session_reused
     quit_(w)
+
+
+@pytest.mark.parametrize("one_write", [False, True])
+def test_sni_behind_a_proxy_protocol_balancer(make_bridge, upstream, certs, one_write):
+    """accept_proxy + several certificates: the PROXY header is consumed
+    exactly, then the ClientHello behind it (in the same write or not)
+    selects the certificate."""
+    opts = sni_listener_opts(certs)
+    listeners = {"lb": dict({"listen": "127.0.0.1:%d" % free_port(), "mode": "implicit",
+                             "accept_proxy": "yes", "proxy_from": "127.0.0.1/32"}, **opts)}
+    d = make_bridge(upstream.address, listeners=listeners, health=None)
+    hdr = b"PROXY TCP4 192.0.2.9 198.51.100.2 40000 465\r\n"
+    ctx = ctx_for(certs)
+    raw = socket.create_connection(d.addr("lb"), timeout=10)
+    if one_write:
+        # the header rides in front of the ClientHello in one send
+        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = ctx.wrap_bio(inc, out, server_hostname="mail.sni.test")
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        raw.sendall(hdr + out.read())
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if out.pending:
+                    raw.sendall(out.read())
+                data = raw.recv(65536)
+                assert data, "closed during the handshake"
+                inc.write(data)
+        if out.pending:
+            raw.sendall(out.read())
+        der = obj.getpeercert(binary_form=True)
+        raw.close()
+    else:
+        raw.sendall(hdr)
+        w = _wrap(ctx.wrap_socket(raw, server_hostname="mail.sni.test"))
+        assert w.read_reply().code == 220
+        der = w.sock.getpeercert(binary_form=True)
+        quit_(w)
+    assert sha(der) == pem_cert_sha(os.path.join(certs, "sni-mail.pem"))
+    end = d.wait_log(r"event=session_end .*client=192\.0\.2\.9:40000")
+    assert 'sni="mail.sni.test"' in end, end
