@@ -358,27 +358,22 @@ int cidr_list_match(const struct cidr *v, size_t n, const struct sockaddr_storag
     return 0;
 }
 
+static size_t split_commas(const char *v, char ***items);
+static void free_list(char **items, size_t n);
+
 /* Splits a comma-separated list, trimming blanks; calls fn for each item. */
 static int for_each_item(struct parse *p, const char *key, const char *v,
                          int (*fn)(struct parse *, const char *, const char *))
 {
-    char *copy = xstrdup(v), *save = NULL, *item;
-    int n = 0, rc = 0;
+    char **items;
+    size_t n = split_commas(v, &items);
+    int rc = 0;
 
-    for (item = strtok_r(copy, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
-        while (*item == ' ' || *item == '\t')
-            item++;
-        size_t l = strlen(item);
-        while (l > 0 && (item[l - 1] == ' ' || item[l - 1] == '\t'))
-            item[--l] = '\0';
-        if (l == 0)
-            continue;
-        n++;
-        if (fn(p, key, item) == -1)
+    for (size_t i = 0; i < n; i++)
+        if (fn(p, key, items[i]) == -1)
             rc = -1;
-    }
-    free(copy);
-    if (n == 0 && rc == 0) {
+    free_list(items, n);
+    if (n == 0) {
         perr(p, p->rd.line, "[%s] key '%s': empty list", p->cur_section, key);
         rc = -1;
     }

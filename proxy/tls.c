@@ -409,44 +409,38 @@ struct tls_sni {
     WOLFSSL_CTX *dflt;
 };
 
+static int sni_add(struct tls_sni *t, const char *name, WOLFSSL_CTX *ctx)
+{
+    struct sni_entry *nv = realloc(t->v, (t->n + 1) * sizeof(*nv));
+
+    if (nv == NULL)
+        return -1;
+    t->v = nv;
+    if ((nv[t->n].name = strdup(name)) == NULL)
+        return -1;
+    nv[t->n++].ctx = ctx;
+    return 0;
+}
+
 /* The names a certificate is for: its DNS subjectAltNames, else its CN. */
 static int add_cert_names(struct tls_sni *t, const char *file, WOLFSSL_CTX *ctx)
 {
     WOLFSSL_X509 *x = wolfSSL_X509_load_certificate_file(file, WOLFSSL_FILETYPE_PEM);
     char *alt, cn[256];
     size_t before = t->n;
+    int rc = 0;
 
     if (x == NULL)
         return -1;
-    while ((alt = wolfSSL_X509_get_next_altname(x)) != NULL) {
-        struct sni_entry *nv;
-        if (is_ip_literal(alt) || strchr(alt, '@') != NULL)
-            continue;
-        nv = realloc(t->v, (t->n + 1) * sizeof(*nv));
-        if (nv == NULL || (nv[t->n].name = strdup(alt)) == NULL) {
-            if (nv)
-                t->v = nv;
-            wolfSSL_X509_free(x);
-            return -1;
-        }
-        t->v = nv;
-        t->v[t->n++].ctx = ctx;
-    }
-    if (t->n == before &&
+    while (rc == 0 && (alt = wolfSSL_X509_get_next_altname(x)) != NULL)
+        if (!is_ip_literal(alt) && strchr(alt, '@') == NULL)
+            rc = sni_add(t, alt, ctx);
+    if (rc == 0 && t->n == before &&
         wolfSSL_X509_NAME_get_text_by_NID(wolfSSL_X509_get_subject_name(x), NID_commonName, cn,
-                                          (int)sizeof(cn)) > 0) {
-        struct sni_entry *nv = realloc(t->v, (t->n + 1) * sizeof(*nv));
-        if (nv == NULL || (nv[t->n].name = strdup(cn)) == NULL) {
-            if (nv)
-                t->v = nv;
-            wolfSSL_X509_free(x);
-            return -1;
-        }
-        t->v = nv;
-        t->v[t->n++].ctx = ctx;
-    }
+                                          (int)sizeof(cn)) > 0)
+        rc = sni_add(t, cn, ctx);
     wolfSSL_X509_free(x);
-    return 0;
+    return rc;
 }
 
 WOLFSSL_CTX *tls_sni_lookup(const struct tls_sni *t, const char *name)
