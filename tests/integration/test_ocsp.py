@@ -308,3 +308,40 @@ def test_not_tls_on_an_sni_listener_is_a_clean_failure(make_bridge, upstream, ce
     line = d.wait_log(r"event=session_end .*client TLS handshake failed")
     assert "listener=smtps" in line
     _ = SNI_CERTS
+
+
+@needs_own
+@pytest.mark.parametrize("size", [0, 64 * 1024 + 1])
+def test_response_file_size_limits(make_bridge, upstream, certs, ocsp_files, size):
+    path = os.path.join(ocsp_files, "size-%d.der" % size)
+    with open(path, "wb") as f:
+        f.write(b"\x30" * size)
+    os.chmod(path, 0o644)
+    d = make_bridge(upstream.address, start=False, listener_opts={"smtps": {
+        "cert": chain(certs, "proxy", os.path.join(ocsp_files, "proxy-chain.pem")),
+        "ocsp_response": path}})
+    cp = bl.run([bl.BIN, "-t", "-c", d.conf], timeout=20)
+    err = cp.stderr.decode()
+    assert cp.returncode != 0, err
+    assert "key 'ocsp_response': cannot read '%s' (a DER OCSP response of 1 byte to 64 KiB)" \
+        % path in err, err
+
+
+def test_partial_hello_on_an_sni_listener_times_out(make_bridge, upstream, certs):
+    """CP_HELLO waits for a whole first record only until handshake_timeout."""
+    opts = sni_listener_opts(certs)
+    d = make_bridge(upstream.address, listener_opts={"smtps": opts, "sub": opts},
+                    global_opts={"handshake_timeout": "1s"})
+    s = socket.create_connection(d.addr("smtps"), timeout=10)
+    s.sendall(b"\x16\x03\x01\x02\x00")   # a record header announcing 512 bytes, then nothing
+    t0 = time.monotonic()
+    s.settimeout(10)
+    try:
+        assert s.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    dt = time.monotonic() - t0
+    s.close()
+    assert 0.8 <= dt <= 5 * bl.TF, dt
+    line = d.wait_log(r"event=session_end .*client TLS handshake timeout \(1s\)")
+    assert "listener=smtps" in line

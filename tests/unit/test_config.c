@@ -403,6 +403,16 @@ static void test_defaults(void)
                   "[upstream]\naddress = a.example:25\nca_file = @C@\n"
                   "[listener a]\nlisten = 127.0.0.1:25\nmode = implicit\n"
                   "cert = @C@,\n       @C@\nkey = @K@\n"));
+    {
+        /* 65 certificate/key pairs (one per line): one more than allowed. */
+        static char big[65 * 24 + 256];
+        size_t o = (size_t)snprintf(big, sizeof(big),
+                                    "[upstream]\naddress = a.example:25\nca_file = @C@\n"
+                                    "[listener a]\nlisten = 127.0.0.1:25\nmode = implicit\n");
+        for (int i = 0; i < 65; i++)
+            o += (size_t)snprintf(big + o, sizeof(big) - o, "cert = @C@\nkey = @K@\n");
+        CHECK(rejects(7, "key 'cert': more than 64 certificates", "%s", big));
+    }
     CHECK(rejects(8, "line longer than 197 characters (a list can go on",
                   "[upstream]\naddress = a.example:25\nca_file = @C@\n"
                   "[listener a]\nlisten = 127.0.0.1:25\nmode = implicit\n"
