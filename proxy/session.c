@@ -380,9 +380,10 @@ void session_close_all(const char *reason)
 static void arm(struct session *s)
 {
     int cread = client_wants_read(s);
-    int cwrite = conn_pending_out(&s->c, &s->u) > 0;
+    int cwrite = conn_pending_out(&s->c, &s->u) > 0 || conn_raw_pending(&s->c) > 0;
     int uread = upstream_wants_read(s);
-    int uwrite = s->uphase == UP_CONNECTING || conn_pending_out(&s->u, &s->c) > 0;
+    int uwrite = s->uphase == UP_CONNECTING || conn_pending_out(&s->u, &s->c) > 0 ||
+                 conn_raw_pending(&s->u) > 0;
 
     conn_arm(&s->c, cread, cwrite);
     conn_arm(&s->u, uread, uwrite);
@@ -430,12 +431,26 @@ void session_run(struct session *s)
         }
         if (progress)
             s->last_activity = ev_now(EV_DEFAULT);
-        if (s->closing == CLOSE_FLUSH && conn_pending_out(&s->c, &s->u) == 0) {
+        if (s->closing == CLOSE_FLUSH && conn_pending_out(&s->c, &s->u) == 0 &&
+            conn_push(&s->c) != 0) {
             s->closing = CLOSE_NOW;
             break;
         }
     } while (progress && ++rounds < 16);
 
+    if (s->closing == CLOSE_NOW) {
+        session_free(s);
+        return;
+    }
+    /* Write-behind (conn.c): the records this pass built go out now, before
+     * the session waits for anything. */
+    if (conn_push(&s->c) < 0) {
+        session_end_kind(s, END_IO);
+        session_close(s, "client write failed: %s", s->c.errmsg);
+    } else if (conn_push(&s->u) < 0) {
+        session_end_kind(s, END_IO);
+        session_close(s, "upstream write failed: %s", s->u.errmsg);
+    }
     if (s->closing == CLOSE_NOW) {
         session_free(s);
         return;

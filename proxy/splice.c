@@ -194,7 +194,7 @@ int splice_step(struct session *s)
     }
     /* The upstream is done: whatever it said last (a 221, a final "250
      * queued as") goes to the client before we close. */
-    if (u->eof && u->in.len == 0 && c->out_len == 0) {
+    if (u->eof && u->in.len == 0 && c->out_len == 0 && conn_push(c) != 0) {
         session_close(s, c->eof ? "client quit" : "upstream closed connection");
         return 0;
     }

@@ -207,6 +207,9 @@ static void start_tls(struct session *s)
     if (resume != NULL && !s->resume_retried && wolfSSL_set_session(ssl, resume) == WOLFSSL_SUCCESS)
         s->resume_offered = 1;
     conn_start_tls(&s->u, ssl);
+    /* Nothing can arrive before our ClientHello: wait for the read event
+     * rather than try a read that fails with EAGAIN. */
+    s->u.drained = 1;
     enter(s, UP_HANDSHAKE);
 }
 

@@ -187,6 +187,7 @@ user = nobody
 log_level = warning
 max_sessions = 20000
 max_sessions_per_ip = 0
+${BENCH_SB_GLOBAL:-}
 
 [upstream]
 address = 127.0.0.1:$(port $P_SINK $v)
