@@ -67,6 +67,40 @@ def test_20mb_message(bridge, upstream, certs):
         assert int(ev[-1]["bytes_c2u"]) >= len(msg), ev[-1]["_line"]
 
 
+def test_message_as_many_records_in_one_write(bridge, upstream, certs):
+    """Every line of a message is its own TLS record, and all 500 of them,
+    the final dot and QUIT go in one TCP write. The proxy reads them in one
+    go (record I/O reads ahead) and works through one record per progress
+    round, so most of them are processed with no socket event left to wake
+    it: a session that waited for one would hang here. The message arrives
+    byte-identical, and the client gets 250 and 221."""
+    rnd = random.Random(500)
+    lines = [base64.b64encode(rnd.randbytes(42)) + b"\r\n" for _ in range(500)]
+    msg = make_message("records", b"".join(lines))
+    sock = socket.create_connection(bridge.addr("smtps"), timeout=10 * bl.TF)
+    t = bl.MemTLS(sock, client_ctx(certs))
+    try:
+        t.handshake()
+        assert t.read_reply().code == 220
+        assert t.cmd("EHLO records.test").code == 250
+        assert t.cmd(b"AUTH PLAIN " + auth_plain_arg()).code == 235
+        assert t.cmd("MAIL FROM:<alice@client.test>").code == 250
+        assert t.cmd("RCPT TO:<bob@dest.test>").code == 250
+        assert t.cmd("DATA").code == 354
+        parts = msg.split(b"\r\n")[:-1]
+        blob = t.records(*[p + b"\r\n" for p in parts], b".\r\n", b"QUIT\r\n")
+        assert blob.count(b"\x17\x03\x03") >= 500 and len(blob) < 64 * 1024, len(blob)
+        sock.sendall(blob)
+        r = t.read_reply(timeout=10)
+        assert r.code == 250, r
+        assert t.read_reply(timeout=10).code == 221
+    finally:
+        sock.close()
+    msgs = upstream.wait_messages(1, timeout=10)
+    assert len(msgs) == 1
+    assert sha(msgs[0][1]) == sha(msg)
+
+
 def awkward_message():
     rnd = random.Random(8)
     eight = bytes(range(0x80, 0x100)) + "äöü€ 日本語".encode("utf-8")
