@@ -654,6 +654,10 @@ static int follow_lines(struct session *s)
         splice_enter(s);
         break;
     case SMTP_VERB_QUIT:
+        /* The upstream answers; but a client that never got past the AUTH
+         * gate leaves before any mail could flow: not a completed session. */
+        if (gate)
+            session_end_kind(s, END_ABANDONED);
         splice_enter(s);
         break;
     default:

@@ -614,7 +614,8 @@ def test_admin_metrics_and_healthz(make_bridge, upstream, certs):
             assert c.cmd("EHLO m.test").code == 250
             r = c.cmd(auth_plain(password="wrong-password"))
             assert r.code == 535, r
-            # closed without QUIT: QUIT would enter the splice ("completed")
+            # QUIT behind the AUTH gate: relayed, but "abandoned", not "completed"
+            assert c.cmd("QUIT").code == 221
         c, g = tls_client(certs, d.addr("bad"))
         with c:
             assert g.code == 220
