@@ -564,6 +564,65 @@ def test_slow_upstream_reader_client_uploads(scripted_bridge, certs):
         assert rss_end - rss0 < 4096, (rss0, rss_end)
 
 
+@pytest.mark.deadline(90)
+def test_half_close_after_upload_behind_slow_upstream(scripted_bridge, certs):
+    """The client sends a 4 MB message and QUIT and half-closes at once,
+    while the upstream reads nothing for 2 s. The proxy queues TLS records
+    before sending them (write-behind), so its half-close must follow them:
+    the upstream receives the whole message, then QUIT, then EOF; the client
+    gets 250 and 221, then the close. (Fails if the half-close is sent
+    before the queued records. Whether the socket is still full when the
+    client's FIN is read, which defers the half-close, depends on the
+    kernel's buffer sizes, so that case is not forced here.)"""
+    body_lines = 4 * 1024 * 1024 // 78
+    script = tls_prelude() + [
+        ("expect", b"EHLO"), ("send", post_tls_caps()),
+        ("expect", b"AUTH"), ("send", b"235 2.7.0 ok\r\n"),
+        ("expect", b"MAIL"), ("send", b"250 ok\r\n"),
+        ("expect", b"RCPT"), ("send", b"250 ok\r\n"),
+        ("expect", b"DATA"), ("send", b"354 go\r\n"),
+        ("pause", 2), ("read_data",), ("send", b"250 2.0.0 queued as HALF\r\n"),
+        ("expect", b"QUIT"), ("send", b"221 2.0.0 bye\r\n"), ("hang", 10)]
+    d, up = scripted_bridge(None, cls=ExtUpstream, scripts=[good_script(), script],
+                            max_connections=8, step_timeout=30)
+    assert_healthy(d, certs, None, full=True)          # warm-up (connection 0)
+    payload = (b"h" * 76 + b"\r\n") * body_lines + b".\r\n"
+    sock = socket.create_connection(d.addr("smtps"), timeout=30 * TF)
+    t = MemTLS(sock, client_ctx(certs), timeout=30)
+    try:
+        t.handshake()
+        assert t.read_reply().code == 220
+        assert t.cmd("EHLO half.test").code == 250
+        assert t.cmd(AUTH_OK).code == 235
+        assert t.cmd("MAIL FROM:<a@b.test>").code == 250
+        assert t.cmd("RCPT TO:<c@d.test>").code == 250
+        assert t.cmd("DATA").code == 354
+        blob = t.records(payload, b"QUIT\r\n")   # encrypted here: one thread per SSLObject
+        err = []
+
+        def upload():
+            try:
+                sock.sendall(blob)
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as e:
+                err.append(e)
+        th = threading.Thread(target=upload, daemon=True)
+        th.start()
+        r = t.read_reply(timeout=60)
+        assert r.code == 250 and "HALF" in r.text, r
+        assert t.read_reply(timeout=10).code == 221
+        th.join(10 * TF)
+        assert not th.is_alive() and not err, err
+        rest, closed = t.read_until_close(10)
+        assert closed and rest == b"", rest
+    finally:
+        sock.close()
+    conn = up.wait_done(20, i=1)
+    assert conn.script_error is None, conn.script_error
+    assert conn.data_bytes == len(payload) - 3, (conn.data_bytes, len(payload))
+    assert conn.closed_by_peer, "the upstream never saw the proxy's half-close"
+
+
 def test_client_rst_mid_data(bridge, upstream, certs):
     """Client sends half a message, then RST: the daemon logs the session
     end, closes its upstream connection, stores nothing, stays healthy."""
