@@ -25,6 +25,8 @@
 # BENCH_LAT_MSGS, BENCH_IDLE (sessions), BENCH_MAXT (seconds per load run),
 # BENCH_PORT_BASE (default 21000), BENCH_TARGETS (default "a b c d"),
 # BENCH_SCENARIOS (default "new-ec new-rsa reuse 1mb latency idle").
+# For experiments: BENCH_SB_BIN (the smtpbridge binary, default
+# build/smtpbridge), BENCH_SB_GLOBAL (lines added to its [global] section).
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/../.." && pwd)
@@ -202,7 +204,7 @@ mode = implicit
 cert = ${fc[0]}
 key = ${fc[1]}
 EOF
-        build/smtpbridge -c "$B/smtpbridge-$v.conf" >>"$B/smtpbridge.log" 2>&1 &
+        "${BENCH_SB_BIN:-build/smtpbridge}" -c "$B/smtpbridge-$v.conf" >>"$B/smtpbridge.log" 2>&1 &
         TPIDS=($!)
         ;;
     c)
