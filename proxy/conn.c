@@ -502,7 +502,7 @@ static int push(struct conn *c)
         if (n > 0) {
             b->off += (uint32_t)n;
             b->len -= (uint32_t)n;
-        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        } else if (n == 0 || errno == EAGAIN || errno == EWOULDBLOCK) {
             c->writable = 0;
             return 0;
         } else if (errno != EINTR) {
