@@ -515,17 +515,22 @@ def test_slow_client_reader_upstream_streams(scripted_bridge, certs):
         assert rss_end - rss0 < 4096, (rss0, rss_end)
 
 
+def until_354():
+    """Upstream script: STARTTLS, EHLO, AUTH, MAIL, RCPT, DATA up to 354."""
+    return tls_prelude() + [
+        ("expect", b"EHLO"), ("send", post_tls_caps()),
+        ("expect", b"AUTH"), ("send", b"235 2.7.0 ok\r\n"),
+        ("expect", b"MAIL"), ("send", b"250 ok\r\n"),
+        ("expect", b"RCPT"), ("send", b"250 ok\r\n"),
+        ("expect", b"DATA"), ("send", b"354 go\r\n")]
+
+
 @pytest.mark.deadline(90)
 def test_slow_upstream_reader_client_uploads(scripted_bridge, certs):
     """The client uploads ~20 MB while the upstream reads nothing for 3 s:
     memory stays flat, then the whole message arrives."""
     body_lines = 20 * 1024 * 1024 // 78
-    script = tls_prelude() + [
-        ("expect", b"EHLO"), ("send", post_tls_caps()),
-        ("expect", b"AUTH"), ("send", b"235 2.7.0 ok\r\n"),
-        ("expect", b"MAIL"), ("send", b"250 ok\r\n"),
-        ("expect", b"RCPT"), ("send", b"250 ok\r\n"),
-        ("expect", b"DATA"), ("send", b"354 go\r\n"),
+    script = until_354() + [
         ("pause", 3), ("read_data",), ("send", b"250 2.0.0 queued as SLOW\r\n"), ("serve",)]
     d, up = scripted_bridge(None, cls=ExtUpstream, scripts=[good_script(), script],
                             max_connections=8, step_timeout=30)
@@ -575,12 +580,7 @@ def test_half_close_after_upload_behind_slow_upstream(scripted_bridge, certs):
     client's FIN is read, which defers the half-close, depends on the
     kernel's buffer sizes, so that case is not forced here.)"""
     body_lines = 4 * 1024 * 1024 // 78
-    script = tls_prelude() + [
-        ("expect", b"EHLO"), ("send", post_tls_caps()),
-        ("expect", b"AUTH"), ("send", b"235 2.7.0 ok\r\n"),
-        ("expect", b"MAIL"), ("send", b"250 ok\r\n"),
-        ("expect", b"RCPT"), ("send", b"250 ok\r\n"),
-        ("expect", b"DATA"), ("send", b"354 go\r\n"),
+    script = until_354() + [
         ("pause", 2), ("read_data",), ("send", b"250 2.0.0 queued as HALF\r\n"),
         ("expect", b"QUIT"), ("send", b"221 2.0.0 bye\r\n"), ("hang", 10)]
     d, up = scripted_bridge(None, cls=ExtUpstream, scripts=[good_script(), script],
@@ -755,12 +755,7 @@ def test_half_close_still_gets_final_reply(scripted_bridge, certs, where):
 def test_upstream_closes_right_after_final_250(scripted_bridge, certs):
     """The upstream sends '250 queued' and closes at once (no QUIT dialogue):
     the client still receives the 250, then the close."""
-    script = tls_prelude() + [
-        ("expect", b"EHLO"), ("send", post_tls_caps()),
-        ("expect", b"AUTH"), ("send", b"235 2.7.0 ok\r\n"),
-        ("expect", b"MAIL"), ("send", b"250 ok\r\n"),
-        ("expect", b"RCPT"), ("send", b"250 ok\r\n"),
-        ("expect", b"DATA"), ("send", b"354 go\r\n"),
+    script = until_354() + [
         ("read_data",), ("send", b"250 2.0.0 Ok: queued as CLOSEAFTER\r\n"), ("close",)]
     d, up = scripted_bridge(script, cls=ExtUpstream)
     with implicit_client(d, certs) as c:
