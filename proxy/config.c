@@ -487,6 +487,7 @@ static const struct keydef global_keys[] = {
     {"max_sessions", K_UINT, G(max_sessions), 1000000, NULL},
     {"max_sessions_per_ip", K_UINT, G(max_sessions_per_ip), 1000000, NULL},
     {"buffer_size", K_SIZE, G(buffer_size), 0, NULL},
+    {"tls_batch_memory", K_SIZE, G(tls_batch_memory), 0, NULL},
     {"handshake_timeout", K_DURATION, G(handshake_timeout), 0, NULL},
     {"command_timeout", K_DURATION, G(command_timeout), 0, NULL},
     {"idle_timeout", K_DURATION, G(idle_timeout), 0, NULL},
@@ -914,6 +915,8 @@ static void validate(struct parse *p)
         perr(p, G_AT("max_errors"), "[global] key 'max_errors': must be at least 1");
     if (cfg->buffer_size < 4096 || cfg->buffer_size > 1024 * 1024)
         perr(p, G_AT("buffer_size"), "[global] key 'buffer_size': must be between 4k and 1m");
+    if (cfg->tls_batch_memory > 1024UL * 1024 * 1024)
+        perr(p, G_AT("tls_batch_memory"), "[global] key 'tls_batch_memory': must be at most 1024m");
     if (cfg->nupstreams == 0)
         perr(p, 0, "no [upstream] section: where should mail go?");
     if (cfg->nlisteners == 0)
@@ -1021,6 +1024,7 @@ static struct config *parse_text(const char *text, const char *name)
     cfg->max_sessions = 1000;
     cfg->max_sessions_per_ip = 20;
     cfg->buffer_size = 16 * 1024;
+    cfg->tls_batch_memory = 64 * 1024 * 1024;
     cfg->handshake_timeout = 10;
     cfg->command_timeout = 60;
     cfg->idle_timeout = 300;
@@ -1185,11 +1189,13 @@ void config_dump(const struct config *cfg, FILE *out)
     fprintf(out,
             "log_level = %s\nlog_format = %s\nsyslog = %s\nmax_sessions = %u\nmax_sessions_per_ip "
             "= %u\n"
-            "buffer_size = %zu\nhandshake_timeout = %gs\ncommand_timeout = %gs\n"
+            "buffer_size = %zu\ntls_batch_memory = %zu\nhandshake_timeout = %gs\n"
+            "command_timeout = %gs\n"
             "idle_timeout = %gs\ndrain_timeout = %gs\nmax_errors = %u\n",
             lvl[cfg->log_level], format_words[cfg->log_json], cfg->syslog ? "yes" : "no",
-            cfg->max_sessions, cfg->max_sessions_per_ip, cfg->buffer_size, cfg->handshake_timeout,
-            cfg->command_timeout, cfg->idle_timeout, cfg->drain_timeout, cfg->max_errors);
+            cfg->max_sessions, cfg->max_sessions_per_ip, cfg->buffer_size, cfg->tls_batch_memory,
+            cfg->handshake_timeout, cfg->command_timeout, cfg->idle_timeout, cfg->drain_timeout,
+            cfg->max_errors);
     for (size_t i = 0; i < cfg->nupstreams; i++) {
         const struct upstream_cfg *u = &cfg->upstreams[i];
         fprintf(out, "\n[upstream%s%s]\naddress = ", u->name[0] ? " " : "", u->name);

@@ -104,6 +104,7 @@ struct config {
     int syslog;
     unsigned max_sessions, max_sessions_per_ip;
     size_t buffer_size;
+    size_t tls_batch_memory; /* record I/O blocks per process (conn.c); 0: off */
     double handshake_timeout, command_timeout, idle_timeout, drain_timeout;
     unsigned max_errors;
     struct upstream_cfg *upstreams;

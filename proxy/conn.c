@@ -370,10 +370,28 @@ int conn_flush(struct conn *c, struct conn *peer, uint64_t *counter)
  * holds neither. The plaintext side is unchanged: nothing read here is ever
  * seen before TLS starts (bytes read before it are replayed from `in`).
  */
+static size_t raws_out; /* record I/O blocks held by this process's sessions */
+
+/* A block, if tls_batch_memory allows one more; NULL: do without (read and
+ * send record by record, as wolfSSL's own I/O would). */
+static char *raw_get(const struct conn *c)
+{
+    char *b;
+
+    if ((raws_out + 1) * RAW_BLOCK > c->s->cfg->tls_batch_memory)
+        return NULL;
+    b = pool_get(&raws);
+    if (b != NULL)
+        raws_out++;
+    return b;
+}
+
 static void raw_drop(struct buf *b)
 {
-    if (b->data != NULL)
+    if (b->data != NULL) {
         pool_put(&raws, b->data, RAW_BLOCK);
+        raws_out--;
+    }
     b->data = NULL;
     b->off = b->len = 0;
 }
@@ -438,7 +456,7 @@ static int tls_recv(WOLFSSL *ssl, char *buf, int sz, void *ctx)
     iov[0].iov_base = buf;
     iov[0].iov_len = (size_t)sz;
     if (c->raw_in.data == NULL)
-        c->raw_in.data = pool_get(&raws); /* NULL: no read-ahead this time */
+        c->raw_in.data = raw_get(c); /* NULL: no read-ahead this time */
     iov[1].iov_base = c->raw_in.data;
     iov[1].iov_len = RAW_BLOCK;
     do
@@ -475,8 +493,8 @@ static int tls_send(WOLFSSL *ssl, char *buf, int sz, void *ctx)
         }
     }
     if (b->data == NULL) {
-        b->data = pool_get(&raws);
-        if (b->data == NULL) { /* no memory for a block: send directly */
+        b->data = raw_get(c);
+        if (b->data == NULL) { /* no block to spare: send directly */
             ssize_t n = send(c->fd, buf, (size_t)sz, MSG_NOSIGNAL);
             return n >= 0 ? (int)n : cbio_error(errno);
         }

@@ -5,6 +5,7 @@ import hashlib
 import os
 import random
 import socket
+import threading
 
 import pytest
 
@@ -99,6 +100,41 @@ def test_message_as_many_records_in_one_write(bridge, upstream, certs):
     msgs = upstream.wait_messages(1, timeout=10)
     assert len(msgs) == 1
     assert sha(msgs[0][1]) == sha(msg)
+
+
+@pytest.mark.parametrize("memory", ["0", "130k"])
+def test_concurrent_messages_with_little_batching_memory(make_bridge, upstream, certs, memory):
+    """tls_batch_memory = 0 turns record batching off; 130k is two 65 KiB
+    blocks for the whole process, so four concurrent sessions moving 3 MB
+    each take turns with them and mostly read and send record by record.
+    Every message still arrives byte-identical, in both listener modes."""
+    d = make_bridge(upstream.address, global_opts={"tls_batch_memory": memory,
+                                                   "max_sessions_per_ip": "0"})
+    rnd = random.Random(130)
+    msgs = [make_message("batch %d" % i, b"".join(
+        base64.b64encode(rnd.randbytes(57)) + b"\r\n" for _ in range(40000)))
+        for i in range(4)]
+    errors = []
+
+    def send(i):
+        try:
+            if i % 2:
+                s = smtp_starttls(certs, *d.addr("sub"), timeout=60)
+            else:
+                s = smtp_ssl(certs, *d.addr("smtps"), timeout=60)
+            s.login(USER, PASSWORD)
+            assert s.sendmail("alice@client.test", ["bob@dest.test"], msgs[i]) == {}
+            s.quit()
+        except Exception as e:  # noqa: BLE001
+            errors.append((i, e))
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120 * bl.TF)
+    assert not errors, errors
+    got = upstream.wait_messages(4, timeout=30)
+    assert sorted(sha(b) for _, b in got) == sorted(sha(m) for m in msgs)
 
 
 def awkward_message():

@@ -637,6 +637,18 @@ static void test_sizes_and_numbers(void)
     CHECK(rejects(2, "buffer_size", GLOBAL, "buffer_size = 99999999999999999999999"));
     CHECK(rejects(2, "buffer_size", GLOBAL, "buffer_size = 1099511627777"));
     CHECK(rejects(2, "buffer_size", GLOBAL, "buffer_size ="));
+    /* tls_batch_memory: 0 (off) up to 1024m; 64m by default. */
+    cfg = parse("%s", BASE);
+    CHECK(cfg != NULL && cfg->tls_batch_memory == 64 * 1048576);
+    config_free(cfg);
+    cfg = parse("[global]\ntls_batch_memory = 0\n" BASE);
+    CHECK(cfg != NULL && cfg->tls_batch_memory == 0);
+    config_free(cfg);
+    cfg = parse("[global]\ntls_batch_memory = 1024m\n" BASE);
+    CHECK(cfg != NULL && cfg->tls_batch_memory == 1073741824);
+    config_free(cfg);
+    CHECK(rejects(2, "tls_batch_memory", GLOBAL, "tls_batch_memory = 1025m"));
+    CHECK(rejects(2, "tls_batch_memory", GLOBAL, "tls_batch_memory = lots"));
 
     cfg = parse(GLOBAL, "max_sessions = 0");
     CHECK(cfg != NULL && cfg->max_sessions == 0);
