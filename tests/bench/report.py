@@ -18,6 +18,7 @@ SCEN = [
     ("1mb", "1 MiB messages", "mb_s", "MB/s", "ms/MiB"),
     ("latency", "1 conn, 1KB msgs serial", "msg_s", "msg/s", "us/msg"),
     ("idle", "idle sessions, TLS both legs", "conn_s", "setup/s", "KB/sess"),
+    ("idle-big", "idle, 2 workers, past 10k", "conn_s", "setup/s", "KB/sess"),
 ]
 
 
@@ -30,7 +31,7 @@ def num(x):
 
 def cost(sc, r):
     cpu = num(r.get("cpu_ms"))
-    if sc == "idle":
+    if sc.startswith("idle"):
         return num(r.get("pss_kb"))
     if cpu is None:
         return None
@@ -85,7 +86,7 @@ def main():
              for k in ("conn_s", "msg_s", "mb_s", "hs_p50", "hs_p99", "msg_p50", "msg_p99",
                        "greet_p99", "cpu_ms", "rss_kb")}
         m["cost"] = med([cost(sc, r) for r in rs])
-        if sc == "idle":
+        if sc.startswith("idle"):
             m["setup_us"] = med([num(r.get("cpu_ms")) * 1000 / num(r.get("held"))
                                  if num(r.get("held")) else None for r in rs])
         m["n"] = len(rs)
@@ -105,8 +106,8 @@ def main():
             m = M.get((sc, t))
             if not m:
                 continue
-            lat = sc != "idle"
-            row = [label if t == TARGETS[0][0] or (sc == "idle" and t == "b") else "",
+            lat = not sc.startswith("idle")
+            row = [label if t == TARGETS[0][0] or (not lat and t == "b") else "",
                    f"({t}) {tn}",
                    f"{fmt(m[tk])} {tu}", ratio(m[tk], c.get(tk)),
                    fmt(m["hs_p50"], 2) + " ms", fmt(m["hs_p99"], 2) + " ms",
@@ -162,6 +163,10 @@ def main():
     goal("CPU per 1 KB message vs stunnel chain", rat("reuse"), 0.30, lambda v: f"{v:.2f}x")
     goal("CPU per MiB vs stunnel chain", rat("1mb"), 0.35, lambda v: f"{v:.2f}x")
     goal("memory per idle proxied session", ib["cost"] if ib else None, 24.0, lambda v: f"{v:.1f} KB")
+    big = M.get(("idle-big", "b"))
+    held = med([num(r.get("held")) for r in runs.get(("idle-big", "b"), [])])
+    goal("memory per idle session, %s sessions, 2 workers" % (fmt(held, 0) if held else "-"),
+         big["cost"] if big else None, 24.0, lambda v: f"{v:.1f} KB")
     for sc in ("latency", "reuse"):
         la, lb = M.get((sc, "a"), {}).get("msg_p99"), M.get((sc, "b"), {}).get("msg_p99")
         goal(f"p99 message latency added over direct ({sc})",

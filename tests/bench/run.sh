@@ -24,7 +24,9 @@
 # when quick), BENCH_NEW, BENCH_NEW_RSA, BENCH_REUSE_CONNS, BENCH_MB_CONNS,
 # BENCH_LAT_MSGS, BENCH_IDLE (sessions), BENCH_MAXT (seconds per load run),
 # BENCH_PORT_BASE (default 21000), BENCH_TARGETS (default "a b c d"),
-# BENCH_SCENARIOS (default "new-ec new-rsa reuse 1mb latency idle").
+# BENCH_SCENARIOS (default "new-ec new-rsa reuse 1mb latency idle idle-big"),
+# BENCH_IDLE_BIG (idle-big: smtpbridge alone with 2 workers, default 15000
+# sessions; one process may hold 20,000 descriptors here, 2 per session).
 # For experiments: BENCH_SB_BIN (the smtpbridge binary, default
 # build/smtpbridge), BENCH_SB_GLOBAL (lines added to its [global] section).
 set -euo pipefail
@@ -40,15 +42,17 @@ if [ "$QUICK" = 1 ]; then
     REPS=${BENCH_REPS:-1}
     N_NEW=${BENCH_NEW:-400} N_NEW_RSA=${BENCH_NEW_RSA:-200} N_REUSE=${BENCH_REUSE_CONNS:-20}
     N_MB=${BENCH_MB_CONNS:-4} N_LAT=${BENCH_LAT_MSGS:-500} N_IDLE=${BENCH_IDLE:-1000}
+    N_IDLE_BIG=${BENCH_IDLE_BIG:-2000}
 else
     REPS=${BENCH_REPS:-3}
     N_NEW=${BENCH_NEW:-2000} N_NEW_RSA=${BENCH_NEW_RSA:-1000} N_REUSE=${BENCH_REUSE_CONNS:-100}
     N_MB=${BENCH_MB_CONNS:-40} N_LAT=${BENCH_LAT_MSGS:-3000} N_IDLE=${BENCH_IDLE:-10000}
+    N_IDLE_BIG=${BENCH_IDLE_BIG:-15000}
 fi
 MAXT=${BENCH_MAXT:-120}
 PB=${BENCH_PORT_BASE:-21000}
 TARGETS=${BENCH_TARGETS:-"a b c d"}
-SCENARIOS=${BENCH_SCENARIOS:-"new-ec new-rsa reuse 1mb latency idle"}
+SCENARIOS=${BENCH_SCENARIOS:-"new-ec new-rsa reuse 1mb latency idle idle-big"}
 HZ=$(getconf CLK_TCK)
 
 log() { echo "bench: $*" >&2; }
@@ -319,9 +323,10 @@ run_load() {
     stop_target
 }
 
-run_idle() {  # run_idle TARGET VARIANT REP
-    local t=$1 v=$2 rep=$3
-    start_target "$t" "$v"
+run_idle() {  # run_idle TARGET VARIANT REP [SCENARIO N EXTRA_GLOBAL]
+    local t=$1 v=$2 rep=$3 sc=${4:-idle} n=${5:-$N_IDLE}
+    BENCH_SB_GLOBAL="${BENCH_SB_GLOBAL:-}${6:+
+$6}" start_target "$t" "$v"
     loadgen "$TPORT" -c 5 -k 20 -n 1 >/dev/null 2>>"$B/loadgen.log" || true # warm-up
     sleep 0.5
     local pids=() m0 m1 out=$B/idle.out rc=0
@@ -330,7 +335,7 @@ run_idle() {  # run_idle TARGET VARIANT REP
     local c0
     c0=$(cpu_ticks "${pids[@]}")
     : >"$out"
-    "$B/loadgen" -t "127.0.0.1:$TPORT" -a "$C/ca.pem" -S localhost -T "$MAXT" -I "$N_IDLE" -P 64 \
+    "$B/loadgen" -t "127.0.0.1:$TPORT" -a "$C/ca.pem" -S localhost -T "$MAXT" -I "$n" -P 64 \
         >"$out" 2>>"$B/loadgen.log" &
     LG_PID=$!
     local deadline=$((SECONDS + MAXT + 5))
@@ -355,8 +360,8 @@ run_idle() {  # run_idle TARGET VARIANT REP
     fi
     local res
     res=$(grep '^RESULT' "$out" || echo "RESULT")
-    echo "scenario=idle target=$t rep=$rep rc=$rc cpu_ms=$(((c1 - c0) * 1000 / HZ)) held=$held pss_kb=$pss rss_kb=$rss pss0=${m0[0]} pss1=${m1[0]} ${res#RESULT }" >>"$RAW"
-    log "idle/$t#$rep: held=$held pss/session=${pss} KB rss/session=${rss} KB (before ${m0[0]} KB, with ${m1[0]} KB)"
+    echo "scenario=$sc target=$t rep=$rep rc=$rc cpu_ms=$(((c1 - c0) * 1000 / HZ)) held=$held pss_kb=$pss rss_kb=$rss pss0=${m0[0]} pss1=${m1[0]} ${res#RESULT }" >>"$RAW"
+    log "$sc/$t#$rep: held=$held pss/session=${pss} KB rss/session=${rss} KB (before ${m0[0]} KB, with ${m1[0]} KB)"
     stop_target
 }
 
@@ -374,6 +379,7 @@ for sc in $SCENARIOS; do
             1mb) run_load "$sc" "$t" ec "$rep" -c 4 -k "$N_MB" -n 10 -s 1048576 ;;
             latency) run_load "$sc" "$t" ec "$rep" -c 1 -k 1 -n "$N_LAT" -s 1024 ;;
             idle) [ "$t" = a ] || run_idle "$t" ec "$rep" ;;
+            idle-big) [ "$t" != b ] || run_idle "$t" ec "$rep" idle-big "$N_IDLE_BIG" "workers = 2" ;;
             esac
         done
     done
@@ -382,6 +388,6 @@ log "load runs took $((SECONDS - t_start)) s"
 
 /usr/bin/python3 tests/bench/report.py "$RAW" \
     --machine "$(nproc) x $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')" \
-    --params "reps=$REPS new=$N_NEW new-rsa=$N_NEW_RSA reuse=${N_REUSE}x100x1KB 1mb=${N_MB}x10x1MiB latency=1x${N_LAT} idle=$N_IDLE" \
+    --params "reps=$REPS new=$N_NEW new-rsa=$N_NEW_RSA reuse=${N_REUSE}x100x1KB 1mb=${N_MB}x10x1MiB latency=1x${N_LAT} idle=$N_IDLE idle-big=$N_IDLE_BIG" \
     >"$B/results.txt"
 cat "$B/results.txt"
