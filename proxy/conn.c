@@ -120,8 +120,7 @@ void conn_release(struct conn *c)
     if (c->fd != -1) {
         /* Best effort, as a direct send would have been: the last records
          * (a reply, an alert, close_notify) are queued here. */
-        if (c->raw_out.len > 0 && !c->failed)
-            conn_push(c);
+        conn_push(c);
         close(c->fd);
         c->fd = -1;
     }
@@ -549,11 +548,6 @@ int conn_push(struct conn *c)
         return -1;
     }
     return r;
-}
-
-uint32_t conn_raw_pending(const struct conn *c)
-{
-    return c->raw_out.len;
 }
 
 void conn_start_tls(struct conn *c, WOLFSSL *ssl)

@@ -380,10 +380,9 @@ void session_close_all(const char *reason)
 static void arm(struct session *s)
 {
     int cread = client_wants_read(s);
-    int cwrite = conn_pending_out(&s->c, &s->u) > 0 || conn_raw_pending(&s->c) > 0;
+    int cwrite = conn_pending_out(&s->c, &s->u) > 0;
     int uread = upstream_wants_read(s);
-    int uwrite = s->uphase == UP_CONNECTING || conn_pending_out(&s->u, &s->c) > 0 ||
-                 conn_raw_pending(&s->u) > 0;
+    int uwrite = s->uphase == UP_CONNECTING || conn_pending_out(&s->u, &s->c) > 0;
 
     conn_arm(&s->c, cread, cwrite);
     conn_arm(&s->u, uread, uwrite);

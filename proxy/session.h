@@ -239,8 +239,6 @@ int conn_tls_pending(const struct conn *c);
 /* Sends the TLS records queued by write-behind: 1 when none are left, 0 if
  * the socket is full (writable cleared), -1 on error (failed, errmsg). */
 int conn_push(struct conn *c);
-/* TLS bytes built but not yet handed to the socket. */
-uint32_t conn_raw_pending(const struct conn *c);
 /* Sets rio/wio from what the session needs of this endpoint. */
 void conn_arm(struct conn *c, int want_read, int want_write);
 void conn_pool_trim(void);
