@@ -375,10 +375,23 @@ static size_t raws_out; /* record I/O blocks held by this process's sessions */
  * send record by record, as wolfSSL's own I/O would). */
 static char *raw_get(const struct conn *c)
 {
+    static int warned;
+    size_t limit = c->s->cfg->tls_batch_memory;
     char *b;
 
-    if ((raws_out + 1) * RAW_BLOCK > c->s->cfg->tls_batch_memory)
+    if ((raws_out + 1) * RAW_BLOCK > limit) {
+        /* Once per process: the operator may want a larger limit. 0 is a
+         * choice, not a shortage. */
+        if (limit >= RAW_BLOCK && !warned) {
+            warned = 1;
+            log_msg(LOG_LVL_WARNING, c->s->id,
+                    "event=tls_batch_memory_full limit=%zu blocks=%zu msg=\"sessions now also "
+                    "read and send TLS records one by one; raise tls_batch_memory if this "
+                    "is frequent\"",
+                    limit, raws_out);
+        }
         return NULL;
+    }
     b = pool_get(&raws);
     if (b != NULL)
         raws_out++;
