@@ -31,6 +31,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -81,10 +82,8 @@ def _apt_install(missing, env):
         raise RuntimeError("apt-get install %s failed:\n%s" % (" ".join(missing), r.stderr))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+from ports import free_port  # noqa: E402,F401  (used here and by conftest)
 
 
 def wait_greeting(port, timeout=20.0):

@@ -18,6 +18,7 @@ REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
 TOOLS = os.path.join(REPO, "tests", "tools")
 if TOOLS not in sys.path:
     sys.path.insert(0, TOOLS)
+from ports import free_port  # noqa: E402,F401  (re-exported to the tests)
 
 BIN = os.path.abspath(os.environ.get("SMTPBRIDGE_BIN", os.path.join(REPO, "build", "smtpbridge")))
 PY = "/usr/bin/python3"
@@ -47,16 +48,6 @@ VALGRIND_PATTERNS = (re.compile(r"are definitely lost in loss record"),
                      re.compile(r"Use of uninitialised value"),
                      re.compile(r"Syscall param .* (uninitialised|unaddressable)"),
                      re.compile(r"Source and destination overlap"))
-
-
-def free_port(host="127.0.0.1"):
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_STREAM)
-    try:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
 
 
 def hostport(host, port):
