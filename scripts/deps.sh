@@ -7,8 +7,10 @@
 set -euo pipefail
 
 build_pkgs="gcc make pkg-config libc6-dev libwolfssl-dev libev-dev libinih-dev ca-certificates"
-run_pkgs="openssl python3 python3-aiosmtpd swaks"
-test_pkgs="python3 python3-pytest python3-aiosmtpd swaks curl msmtp openssl clang \
+# Packages are installed without their Recommends, so list what a tool only
+# recommends but we need: swaks speaks TLS only with libnet-ssleay-perl.
+run_pkgs="openssl python3 python3-aiosmtpd swaks libnet-ssleay-perl"
+test_pkgs="python3 python3-pytest python3-aiosmtpd swaks libnet-ssleay-perl curl msmtp openssl clang \
 libclang-rt-14-dev llvm valgrind clang-format iproute2 procps"
 
 want=""
