@@ -53,7 +53,7 @@ SRCS := $(wildcard proxy/*.c)
 OBJS := $(patsubst proxy/%.c,$(BUILD)/obj/%.o,$(SRCS))
 BIN  := $(BUILD)/smtpbridge
 
-.PHONY: all deps run test test-unit test-integration test-asan test-fuzz fuzz format \
+.PHONY: all deps deps-build run test test-unit test-integration test-asan test-fuzz fuzz format \
         format-check install clean bench
 
 all: deps-build $(BIN)
@@ -64,7 +64,9 @@ deps-build:
 $(BUILD)/obj/%.o: proxy/%.c $(wildcard proxy/*.h) $(WOLF_DEP) | $(BUILD)/obj
 	$(CC) $(STD) $(CFLAGS) $(WARN) $(CPPFLAGS) $(WOLF_INC) -DSMTPBRIDGE_VERSION='"$(VERSION)"' -c $< -o $@
 
-$(WOLFSSL_DIR)/lib/libwolfssl.a: scripts/wolfssl.sh $(wildcard scripts/wolfssl-patches/*.patch)
+# Order-only on deps-build: under make -j both steps would otherwise run
+# apt-get at once and the second fails on apt's lock.
+$(WOLFSSL_DIR)/lib/libwolfssl.a: scripts/wolfssl.sh $(wildcard scripts/wolfssl-patches/*.patch) | deps-build
 	scripts/wolfssl.sh $(WOLFSSL_DIR)
 
 $(BIN): $(OBJS)

@@ -40,5 +40,7 @@ echo "smtpbridge: installing missing Debian packages:$missing" >&2
 export DEBIAN_FRONTEND=noninteractive
 # An old or empty package list cannot find anything: refresh it once.
 apt-get update -qq >/dev/null || apt-get update
+# Wait for apt's lock rather than fail when another apt (unattended-upgrades
+# on a fresh machine) holds it.
 # shellcheck disable=SC2086
-apt-get install -y -qq --no-install-recommends $missing >/dev/null
+apt-get install -o DPkg::Lock::Timeout=300 -y -qq --no-install-recommends $missing >/dev/null

@@ -82,7 +82,7 @@ need_pkgs() {
     # An old or empty package list cannot find anything: refresh it once.
     apt-get update -qq >>"$log" 2>&1 || true
     # shellcheck disable=SC2086
-    apt-get install -y -qq --no-install-recommends $missing >>"$log" 2>&1 ||
+    apt-get install -o DPkg::Lock::Timeout=300 -y -qq --no-install-recommends $missing >>"$log" 2>&1 ||
         die "cannot install$missing (see $log)"
 }
 need_pkgs dpkg-dev autoconf automake libtool make gcc patch
