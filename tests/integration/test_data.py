@@ -102,12 +102,12 @@ def test_message_as_many_records_in_one_write(bridge, upstream, certs):
     assert sha(msgs[0][1]) == sha(msg)
 
 
-@pytest.mark.parametrize("memory,warned", [("0", 0), ("65k", 1), ("64m", 0)])
+@pytest.mark.parametrize("memory,warned", [("0", 0), ("257k", 1), ("64m", 0)])
 def test_concurrent_messages_with_little_batching_memory(make_bridge, upstream, certs, memory,
                                                          warned):
     """Four concurrent sessions move 3 MB each, over both listener modes.
     tls_batch_memory = 0 turns record batching off (a choice: no warning);
-    65k is one block for the whole process, which a single relaying session
+    257k is one block for the whole process, which a single relaying session
     already wants twice (read-ahead on one leg, queued records on the
     other), so the limit is reached and logged once; the default 64m is not
     reached. Every message arrives byte-identical in all three."""
