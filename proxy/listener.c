@@ -9,9 +9,11 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -68,11 +70,11 @@ static int keep_targets(struct upstream_target **v, size_t *n, const struct upst
     return 0;
 }
 
-static void set_hints(struct upstream_rt *up)
+static void set_hints(struct addrinfo *hints)
 {
-    memset(&up->hints, 0, sizeof(up->hints));
-    up->hints.ai_socktype = SOCK_STREAM;
-    up->hints.ai_protocol = IPPROTO_TCP;
+    memset(hints, 0, sizeof(*hints));
+    hints->ai_socktype = SOCK_STREAM;
+    hints->ai_protocol = IPPROTO_TCP;
 }
 
 /* Adds "host: error" to the upstream's last resolution error. */
@@ -90,12 +92,13 @@ static void note_resolve_error(struct upstream_rt *up, const char *host, int rc)
 static void resolve_now(struct upstream_rt *up)
 {
     const struct upstream_cfg *u = up->cfg;
+    struct addrinfo hints;
 
-    set_hints(up);
+    set_hints(&hints);
     up->resolve_err[0] = '\0';
     for (size_t i = 0; i < u->naddrs; i++) {
         struct addrinfo *res = NULL;
-        int rc = getaddrinfo(u->addrs[i].host, u->addrs[i].port, &up->hints, &res);
+        int rc = getaddrinfo(u->addrs[i].host, u->addrs[i].port, &hints, &res);
         if (rc != 0) {
             note_resolve_error(up, u->addrs[i].host, rc);
             log_msg(LOG_LVL_WARNING, 0, "event=resolve_failed upstream=%s error=\"%s\"%s",
@@ -109,32 +112,100 @@ static void resolve_now(struct upstream_rt *up)
     }
 }
 
-static void resolved_thread(union sigval sv)
-{
-    struct upstream_rt *up = sv.sival_ptr;
+/*
+ * Background resolution. Each batch of lookups (one request per configured
+ * address) goes to glibc's resolver thread with getaddrinfo_a, which writes
+ * the answers into the batch and then calls resolved_thread in a thread of
+ * its own. A running lookup cannot be interrupted (gai_cancel only cancels
+ * a request not yet started), and waiting for it would hold the event loop,
+ * and every session with it, for the resolver's whole timeout: tens of
+ * seconds against a DNS server that does not answer. So the batch lives
+ * apart from its upstream, with copies of what glibc reads, and an upstream
+ * that goes away while its lookup runs (a reload, shutdown) abandons the
+ * batch instead of waiting. Of the notification and the abandoning loop,
+ * whichever comes second frees the batch; the state says which.
+ */
+enum { BATCH_RUNNING, BATCH_DONE, BATCH_ABANDONED };
 
-    ev_async_send(EV_DEFAULT, &up->resolved);
+struct resolve_batch {
+    struct resolve_batch *next; /* in `batches` (the loop's) while owned */
+    struct upstream_rt *up;
+    atomic_int state;
+    size_t n;
+    struct addrinfo hints;
+    struct gaicb gai[UPSTREAM_MAX_ADDRS];
+    char *host[UPSTREAM_MAX_ADDRS], *port[UPSTREAM_MAX_ADDRS];
+};
+
+static struct resolve_batch *batches; /* owned by an upstream: loop thread only */
+/* Process-wide and never stopped or freed, so that a notification may
+ * always wake the loop through it, whatever was freed meanwhile. */
+static ev_async batches_done;
+
+static void batch_free(struct resolve_batch *b)
+{
+    for (size_t i = 0; i < b->n; i++) {
+        if (b->gai[i].ar_result)
+            freeaddrinfo(b->gai[i].ar_result);
+        free(b->host[i]);
+        free(b->port[i]);
+    }
+    free(b);
 }
 
-static void resolved_cb(struct ev_loop *loop, ev_async *w, int revents)
+static void batch_unlink(struct resolve_batch *b)
 {
-    struct upstream_rt *up = w->data;
+    for (struct resolve_batch **pp = &batches; *pp; pp = &(*pp)->next)
+        if (*pp == b) {
+            *pp = b->next;
+            break;
+        }
+    b->next = NULL;
+    b->up->lookup = NULL;
+    b->up = NULL;
+}
+
+/* In glibc's notification thread: touches nothing but the batch's state
+ * before it is handed over, and the batch only if abandoned. */
+static void resolved_thread(union sigval sv)
+{
+    struct resolve_batch *b = sv.sival_ptr;
+    int running = BATCH_RUNNING;
+
+    if (atomic_compare_exchange_strong(&b->state, &running, BATCH_DONE))
+        ev_async_send(EV_DEFAULT, &batches_done);
+    else
+        batch_free(b); /* abandoned: nobody else will */
+}
+
+/* The upstream stops waiting for its lookup (it is being freed). */
+static void batch_abandon(struct upstream_rt *up)
+{
+    struct resolve_batch *b = up->lookup;
+    int running = BATCH_RUNNING;
+
+    if (b == NULL)
+        return;
+    batch_unlink(b);
+    if (!atomic_compare_exchange_strong(&b->state, &running, BATCH_ABANDONED))
+        batch_free(b); /* already done: its notification has gone */
+}
+
+/* A finished batch's answers become the upstream's addresses. */
+static void batch_finish(struct resolve_batch *b)
+{
+    struct upstream_rt *up = b->up;
     const struct upstream_cfg *u = up->cfg;
     struct upstream_target *v = NULL;
     size_t n = 0;
     int had = up->ntargets > 0;
 
-    (void)loop;
-    (void)revents;
-    for (size_t i = 0; i < u->naddrs; i++)
-        if (gai_error(&up->gai[i]) == EAI_INPROGRESS)
-            return;
-    up->busy = 0;
+    batch_unlink(b);
     up->resolve_err[0] = '\0';
-    for (size_t i = 0; i < u->naddrs; i++) {
-        int rc = gai_error(&up->gai[i]);
-        if (rc == 0 && up->gai[i].ar_result != NULL) {
-            add_targets(&v, &n, up->gai[i].ar_result, (unsigned)i);
+    for (size_t i = 0; i < b->n; i++) {
+        int rc = gai_error(&b->gai[i]);
+        if (rc == 0 && b->gai[i].ar_result != NULL) {
+            add_targets(&v, &n, b->gai[i].ar_result, (unsigned)i);
         } else {
             /* Keep what we had: a DNS hiccup must not stop mail. */
             size_t kept = n;
@@ -144,10 +215,8 @@ static void resolved_cb(struct ev_loop *loop, ev_async *w, int revents)
                     u->addrs[i].spec, gai_strerror(rc),
                     kept < n ? " (keeping the previous addresses)" : "");
         }
-        if (up->gai[i].ar_result)
-            freeaddrinfo(up->gai[i].ar_result);
-        up->gai[i].ar_result = NULL;
     }
+    batch_free(b);
     free(up->targets);
     up->targets = v;
     up->ntargets = n;
@@ -160,29 +229,65 @@ static void resolved_cb(struct ev_loop *loop, ev_async *w, int revents)
     session_upstream_resolved(up);
 }
 
+static void batches_done_cb(struct ev_loop *loop, ev_async *w, int revents)
+{
+    struct resolve_batch *b;
+
+    (void)loop;
+    (void)w;
+    (void)revents;
+    /* From the head each time: the sessions batch_finish lets go on may
+     * start a batch, or end an old runtime's last session, which abandons
+     * (and may free) its batches. Lists are a few entries long. */
+    for (;;) {
+        for (b = batches; b && atomic_load(&b->state) != BATCH_DONE; b = b->next)
+            ;
+        if (b == NULL)
+            return;
+        batch_finish(b);
+    }
+}
+
 void upstream_rt_refresh(struct upstream_rt *up)
 {
     struct gaicb *list[UPSTREAM_MAX_ADDRS];
     const struct upstream_cfg *u = up->cfg;
+    struct resolve_batch *b;
     struct sigevent sev;
+    int oom = 0;
 
-    if (up->busy || !ev_is_active(&up->resolved))
+    if (up->lookup != NULL || !up->started)
         return;
-    set_hints(up);
-    for (size_t i = 0; i < u->naddrs; i++) {
-        memset(&up->gai[i], 0, sizeof(up->gai[i]));
-        up->gai[i].ar_name = u->addrs[i].host;
-        up->gai[i].ar_service = u->addrs[i].port;
-        up->gai[i].ar_request = &up->hints;
-        list[i] = &up->gai[i];
+    b = calloc(1, sizeof(*b));
+    if (b == NULL)
+        return; /* the refresh timer tries again */
+    set_hints(&b->hints);
+    b->n = u->naddrs;
+    atomic_init(&b->state, BATCH_RUNNING);
+    for (size_t i = 0; i < b->n; i++) {
+        /* Copies: glibc reads them whenever its thread gets to the request,
+         * possibly after a reload freed this configuration. */
+        b->host[i] = strdup(u->addrs[i].host);
+        b->port[i] = strdup(u->addrs[i].port);
+        oom |= b->host[i] == NULL || b->port[i] == NULL;
+        b->gai[i].ar_name = b->host[i];
+        b->gai[i].ar_service = b->port[i];
+        b->gai[i].ar_request = &b->hints;
+        list[i] = &b->gai[i];
     }
     memset(&sev, 0, sizeof(sev));
     sev.sigev_notify = SIGEV_THREAD;
     sev.sigev_notify_function = resolved_thread;
-    sev.sigev_value.sival_ptr = up;
+    sev.sigev_value.sival_ptr = b;
     /* One notification once every request of the list has completed. */
-    if (getaddrinfo_a(GAI_NOWAIT, list, (int)u->naddrs, &sev) == 0)
-        up->busy = 1;
+    if (oom || getaddrinfo_a(GAI_NOWAIT, list, (int)b->n, &sev) != 0) {
+        batch_free(b);
+        return;
+    }
+    b->up = up;
+    up->lookup = b;
+    b->next = batches;
+    batches = b;
 }
 
 static void refresh_cb(struct ev_loop *loop, ev_timer *w, int revents)
@@ -192,24 +297,30 @@ static void refresh_cb(struct ev_loop *loop, ev_timer *w, int revents)
     upstream_rt_refresh(w->data);
 }
 
-/* Waits for lookups still in flight (at shutdown or reload only). */
+/* At exit, before the runtimes go: lookups still running get up to
+ * max_wait seconds to finish, so that their memory is freed rather than
+ * left to glibc's threads; one that takes longer (a resolver that does not
+ * answer) is abandoned, not waited for. */
+void resolver_settle(double max_wait)
+{
+    const struct timespec step = {0, 10 * 1000 * 1000};
+
+    for (double waited = 0; waited < max_wait; waited += 0.01) {
+        const struct resolve_batch *b = batches;
+        while (b && atomic_load(&b->state) == BATCH_DONE)
+            b = b->next;
+        if (b == NULL)
+            return;
+        nanosleep(&step, NULL);
+    }
+}
+
+/* At reload or shutdown: no more lookups for this upstream, and none waited for. */
 static void resolver_stop(struct upstream_rt *up)
 {
-    const struct gaicb *list[UPSTREAM_MAX_ADDRS];
-    size_t n = up->cfg ? up->cfg->naddrs : 0;
-
-    ev_async_stop(EV_DEFAULT, &up->resolved);
     ev_timer_stop(EV_DEFAULT, &up->refresh);
-    for (size_t i = 0; up->busy && i < n; i++) {
-        list[0] = &up->gai[i];
-        if (gai_cancel(&up->gai[i]) != EAI_CANCELED)
-            while (gai_error(&up->gai[i]) == EAI_INPROGRESS)
-                gai_suspend(list, 1, NULL);
-        if (up->gai[i].ar_result)
-            freeaddrinfo(up->gai[i].ar_result);
-        up->gai[i].ar_result = NULL;
-    }
-    up->busy = 0;
+    up->started = 0;
+    batch_abandon(up);
 }
 
 static int bind_one(struct listener *li, const char *spec)
@@ -478,13 +589,15 @@ static void resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 void runtime_resolver_start(struct runtime *rt)
 {
+    if (!ev_is_active(&batches_done)) {
+        ev_async_init(&batches_done, batches_done_cb);
+        ev_async_start(EV_DEFAULT, &batches_done);
+    }
     for (size_t i = 0; i < rt->nups; i++) {
         struct upstream_rt *up = &rt->ups[i];
-        if (ev_is_active(&up->resolved))
+        if (up->started)
             continue;
-        ev_async_init(&up->resolved, resolved_cb);
-        up->resolved.data = up;
-        ev_async_start(EV_DEFAULT, &up->resolved);
+        up->started = 1;
         ev_init(&up->refresh, refresh_cb);
         up->refresh.data = up;
         ev_timer_set(&up->refresh, up->ntargets ? RESOLVE_EVERY : RESOLVE_RETRY, 0.);
@@ -499,14 +612,20 @@ void runtime_resolver_forget(struct runtime *rt)
 {
     for (size_t i = 0; i < rt->nups; i++) {
         struct upstream_rt *up = &rt->ups[i];
-        ev_async_stop(EV_DEFAULT, &up->resolved);
         ev_timer_stop(EV_DEFAULT, &up->refresh);
+        up->started = 0;
         /* A lookup the parent had in flight runs in the parent's thread:
-         * its answer never comes here. Ask again. */
-        up->stale = up->stale || up->busy || up->ntargets == 0;
-        up->busy = 0;
-        for (size_t j = 0; j < UPSTREAM_MAX_ADDRS; j++)
-            up->gai[j].ar_result = NULL; /* the parent's to free */
+         * its answer never comes here. Ask again. The batch is left as it
+         * is (glibc's inherited queue still points into it). */
+        up->stale = up->stale || up->lookup != NULL || up->ntargets == 0;
+        if (up->lookup != NULL) {
+            for (struct resolve_batch **pp = &batches; *pp; pp = &(*pp)->next)
+                if (*pp == up->lookup) {
+                    *pp = up->lookup->next;
+                    break;
+                }
+            up->lookup = NULL;
+        }
     }
 }
 

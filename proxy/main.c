@@ -647,6 +647,7 @@ int main(int argc, char **argv)
 
     ev_run(loop, 0);
 
+    resolver_settle(1.0);
     session_close_all("proxy shutting down");
     admin_stop();
     runtime_unref(rt);

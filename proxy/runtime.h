@@ -13,6 +13,8 @@
 #include "config.h"
 #include "tls.h"
 
+struct resolve_batch;
+
 /* One resolved address of an upstream. */
 struct upstream_target {
     struct sockaddr_storage sa;
@@ -30,14 +32,12 @@ struct upstream_rt {
     size_t ntargets;
     char resolve_err[160];
     /* Resolution runs in glibc's resolver thread (getaddrinfo_a), never in
-     * the event loop (only the first start resolves before serving); the
-     * result comes back through an ev_async. One request per address. */
-    struct gaicb gai[UPSTREAM_MAX_ADDRS];
-    struct addrinfo hints;
-    ev_async resolved;
+     * the event loop (only the first start resolves before serving): one
+     * batch of requests, one per address, at a time (listener.c). */
+    struct resolve_batch *lookup; /* the batch in flight, NULL when none */
     ev_timer refresh;
-    int busy;
-    int stale; /* a name has never been resolved (new in a reload): resolve at start */
+    int started; /* background resolution runs for it in this process */
+    int stale;   /* a name has never been resolved (new in a reload): resolve at start */
     /* The last resumable TLS session with each address: the proxy talks to
      * the same server all day, and a resumed handshake skips the
      * certificate chain and most of the public-key work. */
@@ -90,8 +90,11 @@ void runtime_resolver_start(struct runtime *rt);
 /* In a worker just forked: forgets watchers and lookups of the parent
  * (none today: the master resolves only with blocking getaddrinfo) and
  * marks upstreams without addresses to be resolved at once when
- * listener_start() runs. */
+ * listener_start() runs. Idempotent. */
 void runtime_resolver_forget(struct runtime *rt);
+
+/* At exit: gives lookups still in flight up to max_wait seconds. */
+void resolver_settle(double max_wait);
 
 /* Resolves, blocking, the names new in a reload (the workers' master, which
  * serves no mail, before forking new workers). */

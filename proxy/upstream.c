@@ -134,13 +134,13 @@ static void dial_first(struct session *s)
     struct upstream_rt *up = s->li->up;
 
     if (up->ntargets == 0) {
-        if (up->busy && s->uphase == UP_IDLE) {
+        if (up->lookup != NULL && s->uphase == UP_IDLE) {
             /* A name new in a reload: its first answer is on the way. */
             s->uphase = UP_RESOLVING;
             conn_deadline(&s->u, ucfg(s)->connect_timeout);
             return;
         }
-        if (s->uphase == UP_RESOLVING && up->busy)
+        if (s->uphase == UP_RESOLVING && up->lookup != NULL)
             return;
         upstream_rt_refresh(up);
         s->uphase = UP_CONNECTING;
@@ -355,7 +355,7 @@ int upstream_step(struct session *s)
     case UP_CLOSED:
         return 0;
     case UP_RESOLVING:
-        if (s->li->up->busy)
+        if (s->li->up->lookup != NULL)
             return 0;
         dial_first(s);
         return 1;

@@ -108,6 +108,9 @@ class Daemon:
         self.stdout_path = os.path.join(self.tmpdir, name + ".stdout")
         self.sections = sections
         self.proc = None
+        # A command prefix for this daemon only (before WRAPPER); it must
+        # exec the rest, so that the daemon keeps the pid tests signal.
+        self.prefix = []
         self.stopped = False
         self.returncode = None
         self.listeners = {}          # name -> (mode, [(host, port)])
@@ -132,9 +135,9 @@ class Daemon:
     def start(self, timeout=10.0):
         self._err = open(self.stderr_path, "ab")
         self._out = open(self.stdout_path, "ab")
-        self.proc = subprocess.Popen(WRAPPER + [BIN, "-c", self.conf], stdin=subprocess.DEVNULL,
-                                     stdout=self._out, stderr=self._err,
-                                     cwd=self.tmpdir)
+        self.proc = subprocess.Popen(self.prefix + WRAPPER + [BIN, "-c", self.conf],
+                                     stdin=subprocess.DEVNULL, stdout=self._out,
+                                     stderr=self._err, cwd=self.tmpdir)
         deadline = time.monotonic() + timeout * TF
         while time.monotonic() < deadline:
             if "event=ready" in self.log():

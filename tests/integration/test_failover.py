@@ -10,6 +10,8 @@ and the event=upstream_retry / upstream_failed / session_end log lines.
 import os
 import signal
 import socket
+import subprocess
+import threading
 import time
 
 import pytest
@@ -191,3 +193,109 @@ def test_reload_to_a_new_name_resolves_in_the_background(ops_bridge, upstream, c
     code, _, body, _, _ = get(admin, "/healthz?upstream")
     assert code == 200, body
     assert b":%s ok" % port.encode() in body, body
+
+
+class SilentResolver:
+    """A DNS server on 127.9.9.9:53 that reads queries and never answers,
+    and a resolv.conf naming only it; `prefix` runs a command in a private
+    mount namespace where that file is /etc/resolv.conf, so only the
+    daemon's lookups go there (nothing leaves loopback)."""
+
+    ADDR = "127.9.9.9"
+
+    def __init__(self, tmpdir, timeout):
+        self.conf = os.path.join(str(tmpdir), "resolv.conf")
+        with open(self.conf, "w") as f:
+            f.write("nameserver %s\noptions timeout:%d attempts:1\n" % (self.ADDR, timeout))
+        os.chmod(self.conf, 0o644)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.queries = 0
+
+    def start(self):
+        try:
+            self.sock.bind((self.ADDR, 53))
+        except OSError as e:
+            pytest.skip("cannot bind %s:53: %s" % (self.ADDR, e))
+        self.sock.settimeout(0.2)
+        self.running = True
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        r = subprocess.run(["unshare", "-m", "sh", "-c",
+                            'mount --bind "$0" /etc/resolv.conf && exec cat /etc/resolv.conf',
+                            self.conf], capture_output=True, timeout=10)
+        if r.returncode != 0 or self.ADDR.encode() not in r.stdout:
+            self.stop()
+            pytest.skip("no private mount namespace here: %r" % r.stderr[-200:])
+        return self
+
+    @property
+    def prefix(self):
+        return ["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
+                self.conf]
+
+    def _read(self):
+        while self.running:
+            try:
+                self.sock.recvfrom(4096)
+                self.queries += 1
+            except OSError:
+                pass
+
+    def stop(self):
+        self.running = False
+        self.thread.join(2)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reload_to_a_name_that_never_resolves(ops_bridge, upstream, certs, tmp_path, workers):
+    """A reload to a name whose resolver never answers. One process: the
+    reload is done at once (the lookup runs in glibc's resolver thread) and
+    a session waiting for the first answer (UP_RESOLVING) is bounded by
+    connect_timeout: 421 after about 1 s, naming what it waited for. With
+    workers, the master resolves the name before forking, so the reload
+    takes the resolver's own timeout (2 s here) while the old workers keep
+    serving; its answer is a failure, so the new workers ask again and
+    their sessions wait the same way. Either way a reload back to an
+    address serves mail at once: the old runtime's lookup, still running,
+    is abandoned rather than waited for."""
+    dns = SilentResolver(tmp_path, 30 if workers == 1 else 2).start()
+    try:
+        d = ops_bridge(global_opts={"workers": str(workers), "max_sessions_per_ip": "0"},
+                       upstream_opts={"connect_timeout": "1s"}, start=False)
+        d.prefix = dns.prefix
+        d.start()
+        if workers > 1:
+            wait_events(d, "worker_ready", workers)
+        full_session(certs, d.addr("smtps"), tag="before")
+        n0 = upstream.connections
+        good = d.sections
+        port = upstream.address.rsplit(":", 1)[1]
+        name = "never.smtpbridge.test:%s" % port
+        write_config(d, edit(good, "upstream", address=name, server_name="localhost"))
+        t0 = time.monotonic()
+        hup_and_wait(d, timeout=15)
+        took = time.monotonic() - t0
+        if workers == 1:
+            assert took < 1.0 * TF, "the reload waited for DNS (%.1fs)" % took
+        else:
+            assert took >= 1.5, "the master did not wait for the lookup (%.1fs)" % took
+            wait_events(d, "worker_ready", 2 * workers)
+            # the master's answer was a failure: the new workers ask again
+        r, rest, closed, dt = client_gets_421(d, certs)
+        assert 0.8 <= dt <= 5 * TF, dt
+        reason = "timeout resolving %s (1s)" % name
+        assert r.code == 421 and r.lines[0].startswith("421 4."), r
+        assert closed and rest == b"", (closed, rest)
+        line = d.wait_log(r"event=upstream_failed")
+        assert reason in line, line
+        assert dns.queries > 0, "the daemon never asked the silent resolver"
+        assert upstream.connections == n0, (n0, upstream.connections)
+        write_config(d, good)
+        hup_and_wait(d)
+        if workers > 1:
+            wait_events(d, "worker_ready", 3 * workers)
+        full_session(certs, d.addr("smtps"), tag="after")
+        assert len(upstream.wait_messages(2)) == 2
+    finally:
+        dns.stop()
