@@ -866,6 +866,46 @@ fail:
     return NULL;
 }
 
+/*
+ * The reason for a certificate verification result. wolfSSL reports
+ * OpenSSL's X509_V_ERR_* numbers (its verify callback maps its own errors
+ * to them), but wolfSSL_X509_verify_cert_error_string() only knows
+ * wolfSSL's negative codes: for 10 it says "unknown error number". The
+ * numbers are OpenSSL's, which wolfSSL copies.
+ */
+static const char *verify_reason(long v)
+{
+    switch (v) {
+    case 7:
+        return "certificate signature failure";
+    case 9:
+    case 13: /* wolfSSL: ASN_BEFORE_DATE_E */
+        return "certificate is not yet valid";
+    case 10:
+    case 14: /* wolfSSL: ASN_AFTER_DATE_E */
+        return "certificate has expired";
+    case 18:
+        return "self-signed certificate";
+    case 19:
+        return "self-signed certificate in certificate chain";
+    case 2:
+    case 20:
+        return "unable to get local issuer certificate (not signed by a CA in ca_file)";
+    case 21:
+        return "unable to verify the first certificate (its issuer is not in ca_file)";
+    case 22:
+        return "certificate chain too long";
+    case 24:
+        return "invalid CA certificate";
+    case 25:
+        return "path length constraint exceeded";
+    case 28:
+        return "certificate rejected";
+    default:
+        return v < 0 ? wolfSSL_X509_verify_cert_error_string(v) : "verification error";
+    }
+}
+
 const char *tls_describe_error(WOLFSSL *ssl, int ret, char *buf, size_t len)
 {
     int code = wolfSSL_get_error(ssl, ret);
@@ -887,8 +927,7 @@ const char *tls_describe_error(WOLFSSL *ssl, int ret, char *buf, size_t len)
                  "certificate verification failed: no subjectAltName DNS entry matches the "
                  "configured server_name (CN and partial wildcards are not accepted, RFC 9525)");
     else if (v != 0)
-        snprintf(buf, len, "certificate verification failed: %s (%ld); %s",
-                 wolfSSL_X509_verify_cert_error_string(v), v, e);
+        snprintf(buf, len, "certificate verification failed: %s (%ld); %s", verify_reason(v), v, e);
     else
         snprintf(buf, len, "%s", e);
     name_mismatch = 0;
