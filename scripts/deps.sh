@@ -11,7 +11,7 @@ build_pkgs="gcc make pkg-config libc6-dev libwolfssl-dev libev-dev libinih-dev c
 # recommends but we need: swaks speaks TLS only with libnet-ssleay-perl.
 run_pkgs="openssl python3 python3-aiosmtpd swaks libnet-ssleay-perl"
 test_pkgs="python3 python3-pytest python3-aiosmtpd swaks libnet-ssleay-perl curl msmtp openssl clang \
-libclang-rt-14-dev llvm valgrind clang-format iproute2 procps"
+libclang-rt-14-dev llvm valgrind clang-format iproute2 procps faketime"
 
 want=""
 for step in "$@"; do

@@ -8,9 +8,11 @@ reports the session as reused, and the sni= / client_resumed= fields of the
 session_end log line.
 """
 
+import datetime
 import os
 import socket
 import ssl
+import time
 
 import pytest
 
@@ -231,6 +233,72 @@ def test_resumption_across_workers_and_reload(ops_bridge, certs):
     assert w.read_reply().code == 220
     assert w.sock.session_reused
     quit_(w)
+
+
+FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+def test_ticket_keys_roll_over_every_hour(make_bridge, upstream, certs, pubdir):
+    """The ticket key schedule moves once an hour and accepts the previous
+    hour's key: a ticket made two seconds before the hour still resumes
+    two seconds after it. When the clock jumps 20 years ahead (past the
+    ratchet's catch-up bound) the daemon keeps answering at once, and the
+    tickets it then issues resume. The daemon's clock is libfaketime's,
+    frozen at what a file the test rewrites says; the client's is real."""
+    if not os.path.exists(FAKETIME):
+        pytest.skip("libfaketime is not installed (Debian package faketime)")
+    if bl.WRAPPER or "/asan" in bl.BIN:
+        pytest.skip("libfaketime cannot be preloaded under a sanitizer or valgrind")
+    clock = os.path.join(pubdir, "clock")   # read by the daemon as nobody
+
+    def set_clock(text):
+        with open(clock, "w") as f:
+            f.write(text + "\n")
+        os.chmod(clock, 0o644)
+
+    def fmt(t):
+        return t.strftime("%Y-%m-%d %H:%M:%S")
+
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    hour = now.replace(minute=0, second=0, microsecond=0) + datetime.timedelta(hours=2)
+    set_clock(fmt(hour - datetime.timedelta(seconds=2)))
+    d = make_bridge(upstream.address, start=False)
+    d.prefix = ["env", "LD_PRELOAD=" + FAKETIME, "FAKETIME_TIMESTAMP_FILE=" + clock,
+                "FAKETIME_NO_CACHE=1", "FAKETIME_DONT_FAKE_MONOTONIC=1", "TZ=UTC"]
+    d.start()
+    stamp = (hour - datetime.timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%S")
+    assert stamp in d.log(), "the daemon does not run on the fake clock:\n" + d.log()[-800:]
+    host, port = d.addr("smtps")
+    ctx = ctx_for(certs)
+
+    def session(resume=None, reply=250):
+        raw = socket.create_connection((host, port), timeout=10)
+        w = _wrap(ctx.wrap_socket(raw, session=resume))
+        assert w.read_reply().code == 220
+        # TLS 1.3: the ticket is read by the time NOOP's reply is
+        assert w.cmd("NOOP").code == reply
+        reused, sess = w.sock.session_reused, w.sock.session
+        if reply == 250:
+            quit_(w)
+        else:
+            w.close()
+        return reused, sess
+
+    reused, before = session()
+    assert not reused
+    assert session(before)[0], "a ticket of this hour was refused"
+    set_clock(fmt(hour + datetime.timedelta(seconds=2)))
+    assert session(before)[0], "a ticket of the previous hour was refused"
+    # 20 years on, the upstream's certificate has expired for the daemon:
+    # NOOP gets 421 (the client's handshake and ticket come before that)
+    set_clock(fmt(hour + datetime.timedelta(days=7305)))
+    t0 = time.monotonic()
+    reused, late = session(before, reply=421)
+    assert time.monotonic() - t0 < 5 * bl.TF
+    assert not reused, "a ticket 20 years old resumed"
+    assert session(late, reply=421)[0], "a ticket made after the jump was refused"
+    assert "certificate has expired" in d.wait_log(r"event=upstream_failed")
+    set_clock("+0")   # real time again, for the health check at teardown
 
 
 @pytest.mark.parametrize("one_write", [False, True])
