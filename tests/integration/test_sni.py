@@ -212,10 +212,21 @@ def test_resumption_across_workers_and_reload(ops_bridge, certs):
     schedule) and still after a reload."""
     d = ops_bridge(global_opts={"workers": "2", "max_sessions_per_ip": "0"})
     wait_events(d, "worker_ready", 2)
-    reused = resume_round(d, certs, "smtps", 16)
-    assert all(reused), reused
-    ends = wait_events(d, "session_end", 17)
-    owners = {sid_owner(e["sid"]) for e in ends if e.get("client_resumed") == "yes"}
+    # The workers share the listening socket and the kernel picks which one
+    # accepts, so one may win many times in a row: go on, up to 64
+    # resumptions, until both have resumed. (This test failed once in a
+    # full local run, message lost; this assertion is the only one that
+    # depends on the kernel's choice, but 20 runs under CPU load did not
+    # reproduce it.)
+    owners, total = set(), 0
+    for _ in range(4):
+        reused = resume_round(d, certs, "smtps", 16)
+        assert all(reused), reused
+        total += 17
+        ends = wait_events(d, "session_end", total)
+        owners = {sid_owner(e["sid"]) for e in ends if e.get("client_resumed") == "yes"}
+        if len(owners) == 2:
+            break
     assert len(owners) == 2, "resumed sessions all on one worker: %s" % owners
 
     host, port = d.addr("smtps")
