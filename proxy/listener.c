@@ -618,14 +618,8 @@ void runtime_resolver_forget(struct runtime *rt)
          * its answer never comes here. Ask again. The batch is left as it
          * is (glibc's inherited queue still points into it). */
         up->stale = up->stale || up->lookup != NULL || up->ntargets == 0;
-        if (up->lookup != NULL) {
-            for (struct resolve_batch **pp = &batches; *pp; pp = &(*pp)->next)
-                if (*pp == up->lookup) {
-                    *pp = up->lookup->next;
-                    break;
-                }
-            up->lookup = NULL;
-        }
+        if (up->lookup != NULL)
+            batch_unlink(up->lookup);
     }
 }
 
