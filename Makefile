@@ -61,11 +61,13 @@ all: deps-build $(BIN)
 deps-build:
 	@scripts/deps.sh build
 
-$(BUILD)/obj/%.o: proxy/%.c $(wildcard proxy/*.h) $(WOLF_DEP) | $(BUILD)/obj
+# Order-only on deps-build: under make -j the compiler must not start
+# before the -dev packages it includes are installed (with WOLFSSL=system no
+# library build stands in between), nor may two steps run apt-get at once.
+$(BUILD)/obj/%.o: proxy/%.c $(wildcard proxy/*.h) $(WOLF_DEP) | $(BUILD)/obj deps-build
 	$(CC) $(STD) $(CFLAGS) $(WARN) $(CPPFLAGS) $(WOLF_INC) -DSMTPBRIDGE_VERSION='"$(VERSION)"' -c $< -o $@
 
-# Order-only on deps-build: under make -j both steps would otherwise run
-# apt-get at once and the second fails on apt's lock.
+# (order-only on deps-build too: wolfssl.sh runs apt-get for its build tools)
 $(WOLFSSL_DIR)/lib/libwolfssl.a: scripts/wolfssl.sh $(wildcard scripts/wolfssl-patches/*.patch) | deps-build
 	scripts/wolfssl.sh $(WOLFSSL_DIR)
 
