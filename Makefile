@@ -37,7 +37,7 @@ else ifeq ($(WOLFSSL),system)
 else
   $(error WOLFSSL must be 'static' or 'system')
 endif
-LIBS      := $(WOLF_LIB) -lev -linih
+LIBS      := $(WOLF_LIB) -lcrypto -lev -linih
 
 ifeq ($(SANITIZER),)
   BUILD   := build$(SUFFIX)

@@ -17,6 +17,7 @@
 #include "listener.h"
 #include "metrics.h"
 #include "log.h"
+#include "rsa_backend.h"
 #include "runtime.h"
 #include "session.h"
 #include "tls.h"
@@ -197,6 +198,19 @@ static void stop_cb(struct ev_loop *loop, ev_signal *w, int revents)
     }
 }
 
+/* Before a configuration's contexts are built: who computes RSA signatures. */
+static void select_rsa_backend(const struct config *cfg)
+{
+    char err[200], q[300];
+    const char *d;
+
+    if (rsa_backend_select(cfg->rsa_backend, err, sizeof(err)) == -1)
+        log_msg(LOG_LVL_WARNING, 0, "event=config_warning msg=%s",
+                log_quote(q, sizeof(q), err, strlen(err)));
+    d = rsa_backend_describe();
+    log_msg(LOG_LVL_INFO, 0, "event=rsa_backend msg=%s", log_quote(q, sizeof(q), d, strlen(d)));
+}
+
 /* ---- reload (HUP) ---- */
 
 static const char *config_path;
@@ -225,6 +239,11 @@ static int reload_runtime(void)
 
     log_msg(LOG_LVL_INFO, 0, "event=reload_start path=%s", config_path);
     cfg = config_load(config_path);
+    if (cfg != NULL) {
+        /* Keys of the old configuration go; the new ones load on first use. */
+        rsa_backend_forget();
+        select_rsa_backend(cfg);
+    }
     next = cfg ? runtime_build(cfg, 1, rt) : NULL;
     if (next == NULL) {
         log_msg(LOG_LVL_ERROR, 0,
@@ -572,6 +591,7 @@ int main(int argc, char **argv)
         return 1;
     }
     config_path = path;
+    select_rsa_backend(cfg);
     rt = runtime_build(cfg, !test, NULL);
     if (rt == NULL) {
         fprintf(stderr, "smtpbridge: %s: configuration has errors\n", path);
@@ -652,6 +672,7 @@ int main(int argc, char **argv)
     admin_stop();
     runtime_unref(rt);
     conn_pool_trim();
+    rsa_backend_forget();
     tls_cleanup();
     log_msg(LOG_LVL_INFO, 0, "event=exit");
     return 0;

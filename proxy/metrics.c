@@ -26,7 +26,7 @@ struct shared {
     size_t nlisteners;
     struct listener_metrics overflow;
     uint64_t tls_failures[2][3];
-    uint64_t dial_count[16], dial_n, resumed_n, failovers, client_resumed;
+    uint64_t dial_count[16], dial_n, resumed_n, failovers, client_resumed, rsa_openssl;
     double dial_sum;
     uint64_t bytes_c2u, bytes_u2c, auth_ok, auth_failed;
 };
@@ -189,6 +189,12 @@ void metrics_client_resumed(void)
     ADD(m->client_resumed, 1);
 }
 
+void metrics_rsa_openssl(void)
+{
+    shared_get();
+    ADD(m->rsa_openssl, 1);
+}
+
 void metrics_auth(int ok)
 {
     shared_get();
@@ -299,6 +305,12 @@ void metrics_render(FILE *out)
             "# TYPE smtpbridge_client_tls_resumed_total counter\n"
             "smtpbridge_client_tls_resumed_total %llu\n",
             (unsigned long long)GET(m->client_resumed));
+    fprintf(out,
+            "# HELP smtpbridge_rsa_openssl_signatures_total RSA signatures computed by "
+            "OpenSSL's libcrypto (rsa_backend), each context's self-test included.\n"
+            "# TYPE smtpbridge_rsa_openssl_signatures_total counter\n"
+            "smtpbridge_rsa_openssl_signatures_total %llu\n",
+            (unsigned long long)GET(m->rsa_openssl));
     fprintf(out,
             "# HELP smtpbridge_bytes_total Bytes relayed, by direction.\n"
             "# TYPE smtpbridge_bytes_total counter\n"

@@ -60,6 +60,8 @@ void metrics_auth(int ok);
 void metrics_failover(void);
 /* A client TLS handshake resumed a session. */
 void metrics_client_resumed(void);
+/* OpenSSL's libcrypto computed an RSA signature (rsa_backend.c). */
+void metrics_rsa_openssl(void);
 
 /* Writes every metric in the Prometheus text exposition format. */
 void metrics_render(FILE *out);

@@ -4,6 +4,7 @@
 #include "tls.h"
 
 #include "log.h"
+#include "rsa_backend.h"
 
 #include <arpa/inet.h>
 #include <stdio.h>
@@ -15,6 +16,7 @@
 #include <time.h>
 
 #include <wolfssl/error-ssl.h>
+#include <wolfssl/openssl/evp.h>
 #include <wolfssl/wolfcrypt/chacha20_poly1305.h>
 #include <wolfssl/wolfcrypt/error-crypt.h>
 #include <wolfssl/wolfcrypt/sha256.h>
@@ -692,6 +694,29 @@ static int setup_stapling(WOLFSSL_CTX *ctx, const char *cert, const char *file, 
     return 1;
 }
 
+/*
+ * A context whose private key is RSA signs through rsa_backend (OpenSSL's
+ * libcrypto where that is faster). Only such contexts get the device id:
+ * wolfSSL offers every operation of a context with one to the device
+ * first, and ECDSA contexts have nothing to gain from the detour. The key
+ * type is read from the certificate (the leaf, first in the file), which
+ * the caller has already checked to match the key.
+ */
+static void use_rsa_backend(WOLFSSL_CTX *ctx, const char *cert)
+{
+    WOLFSSL_X509 *x;
+    WOLFSSL_EVP_PKEY *pkey;
+
+    if (rsa_backend_devid() == INVALID_DEVID)
+        return;
+    x = wolfSSL_X509_load_certificate_file(cert, WOLFSSL_FILETYPE_PEM);
+    pkey = x ? wolfSSL_X509_get_pubkey(x) : NULL;
+    if (pkey != NULL && wolfSSL_EVP_PKEY_base_id(pkey) == EVP_PKEY_RSA)
+        wolfSSL_CTX_SetDevId(ctx, rsa_backend_devid());
+    wolfSSL_EVP_PKEY_free(pkey);
+    wolfSSL_X509_free(x);
+}
+
 void tls_server_ctx_free(WOLFSSL_CTX *ctx)
 {
     for (struct ocsp_staple **p = &staples; *p; p = &(*p)->next) {
@@ -758,6 +783,8 @@ WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, size_t idx, char *err
         snprintf(err, errlen, "key 'key': '%s' does not match the certificate in '%s'", key, cert);
         goto fail;
     }
+    /* Before the self-test, which then also checks the RSA backend. */
+    use_rsa_backend(ctx, cert);
     /* The response itself is checked by check_staple(), with the same code
      * wolfSSL runs for each handshake. */
     if (idx < li->nocsp && strcmp(li->ocsps[idx], "-") != 0 &&
@@ -832,6 +859,7 @@ WOLFSSL_CTX *tls_client_ctx(const struct upstream_cfg *u, char *err, size_t errl
                      u->cert);
             goto fail;
         }
+        use_rsa_backend(ctx, u->cert);
     }
     return ctx;
 fail:

@@ -6,7 +6,7 @@
 # stage calls this same script.
 set -euo pipefail
 
-build_pkgs="gcc make pkg-config libc6-dev libwolfssl-dev libev-dev libinih-dev ca-certificates"
+build_pkgs="gcc make pkg-config libc6-dev libwolfssl-dev libssl-dev libev-dev libinih-dev ca-certificates"
 # Packages are installed without their Recommends, so list what a tool only
 # recommends but we need: swaks speaks TLS only with libnet-ssleay-perl.
 run_pkgs="openssl python3 python3-aiosmtpd swaks libnet-ssleay-perl"

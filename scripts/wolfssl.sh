@@ -35,7 +35,7 @@ flags=(
     --enable-ocsp --enable-ocspstapling
     --enable-curve25519 --enable-chacha --enable-poly1305 --enable-aesgcm
     --enable-opensslextra --enable-ip-alt-name --enable-altcertchains
-    --enable-harden --disable-dh
+    --enable-harden --disable-dh --enable-cryptocb
     --disable-examples --disable-crypttests --disable-benchmark --disable-oldnames
     # getrandom(2) instead of opening /dev/urandom for every RNG (twice per
     # handshake, seen with strace in the benchmark).

@@ -15,12 +15,12 @@ declare -A EXTRA_SRCS=(
     [fuzz_ehlo]="proxy/smtp.c"
     [fuzz_config]="proxy/config.c proxy/log.c"
     [fuzz_proxy]="proxy/proxyproto.c"
-    [fuzz_hello]="-Ibuild/wolfssl/include -DSMTPBRIDGE_OWN_WOLFSSL=1 proxy/tls.c proxy/log.c"
+    [fuzz_hello]="-Ibuild/wolfssl/include -DSMTPBRIDGE_OWN_WOLFSSL=1 proxy/tls.c proxy/rsa_backend.c proxy/metrics.c proxy/log.c"
 )
 # Optional extra libraries per target (linked after the sources).
 declare -A EXTRA_LIBS=(
     [fuzz_config]="-linih"
-    [fuzz_hello]="build/wolfssl/lib/libwolfssl.a -lm -lpthread"
+    [fuzz_hello]="build/wolfssl/lib/libwolfssl.a -lcrypto -lm -lpthread"
 )
 # Optional extra libFuzzer flags per target.
 declare -A EXTRA_ARGS=(

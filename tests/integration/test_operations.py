@@ -1019,3 +1019,134 @@ def test_per_ip_cap_applies_to_real_client_behind_balancer(make_bridge, upstream
     finally:
         for c in held:
             c.close()
+
+
+# ======================================================= 8. RSA backend
+
+RSA_COUNTER = "smtpbridge_rsa_openssl_signatures_total"
+
+
+def rsa_bridge(ops_bridge, pubdir, certs, backend, workers=None, cert="rsa-proxy"):
+    """A daemon whose listeners use an RSA certificate, with an admin
+    endpoint; returns (daemon, admin address)."""
+    for n in (cert, "rsa-proxy"):
+        copy_public(os.path.join(certs, n + ".pem"), os.path.join(pubdir, n + ".pem"))
+        copy_public(os.path.join(certs, n + ".key"), os.path.join(pubdir, n + ".key"))
+    copy_public(os.path.join(pubdir, cert + ".pem"), os.path.join(pubdir, "proxy.pem"))
+    copy_public(os.path.join(pubdir, cert + ".key"), os.path.join(pubdir, "proxy.key"))
+    admin = ("127.0.0.1", free_port())
+    g = {"rsa_backend": backend, "admin": "%s:%d" % admin}
+    if workers:
+        g.update({"workers": str(workers), "max_sessions_per_ip": "0"})
+    d = ops_bridge(global_opts=g)
+    if workers:
+        wait_events(d, "worker_ready", workers)
+    return d, admin
+
+
+def s_client_pkcs1(certs, addr):
+    """A TLS 1.2 handshake that allows only PKCS#1 v1.5 RSA signatures (the
+    ServerKeyExchange path, not TLS 1.3's RSA-PSS CertificateVerify), the
+    certificate verified; returns openssl's output."""
+    cp = bl.run(["openssl", "s_client", "-connect", "%s:%d" % addr, "-tls1_2",
+                 "-sigalgs", "RSA+SHA256", "-CAfile", os.path.join(certs, "ca.pem"),
+                 "-verify_return_error", "-brief"], input=b"", timeout=20)
+    out = cp.stdout.decode(errors="replace") + cp.stderr.decode(errors="replace")
+    assert cp.returncode == 0, out
+    assert "Verification: OK" in out, out
+    assert re.search(r"^(Peer )?Signature type: RSA$", out, re.M), out  # not RSA-PSS
+    return out
+
+
+def test_rsa_backend_openssl_signs_every_handshake(ops_bridge, pubdir, certs, upstream):
+    d, admin = rsa_bridge(ops_bridge, pubdir, certs, "openssl")
+    line = d.wait_log(r"event=rsa_backend ")
+    assert "by OpenSSL" in line and "rsa_backend = openssl" in line, line
+    base = metrics(admin)[RSA_COUNTER]
+    assert base >= 1, "the self-test handshake signs too"
+    rsa_sha = pem_cert_sha(os.path.join(pubdir, "rsa-proxy.pem"))
+    # TLS 1.3 (RSA-PSS CertificateVerify), verified by the client against the CA
+    for i in range(3):
+        assert peer_cert_sha(certs, d.addr("smtps")) == rsa_sha
+    # a whole session relays the message
+    msg = full_session(certs, d.addr("smtps"), "rsa-openssl")
+    assert sha(upstream.wait_messages(1)[0][1]) == sha(msg)
+    # TLS 1.2 ECDHE-RSA (the ServerKeyExchange signature), over STARTTLS
+    with RawClient(*d.addr("sub")) as p:
+        assert p.read_reply().code == 220
+        assert p.cmd("EHLO x.test").code == 250
+        assert p.cmd("STARTTLS").code == 220
+        ctx = client_ctx(certs)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        p.starttls(ctx)
+        assert p.sock.version() == "TLSv1.2", p.sock.version()
+        assert sha(p.sock.getpeercert(binary_form=True)) == rsa_sha
+        assert p.cmd("EHLO x.test").code == 250
+    s_client_pkcs1(certs, d.addr("smtps"))
+    m = metrics(admin)
+    assert m[RSA_COUNTER] == base + 6, (base, m[RSA_COUNTER])
+    assert "rsa_backend_error" not in d.log()
+
+
+def test_rsa_backend_wolfssl_keeps_libcrypto_out(ops_bridge, pubdir, certs):
+    d, admin = rsa_bridge(ops_bridge, pubdir, certs, "wolfssl")
+    line = d.wait_log(r"event=rsa_backend ")
+    assert "by wolfSSL (rsa_backend = wolfssl)" in line, line
+    rsa_sha = pem_cert_sha(os.path.join(pubdir, "rsa-proxy.pem"))
+    for i in range(3):
+        assert peer_cert_sha(certs, d.addr("smtps")) == rsa_sha
+    assert metrics(admin)[RSA_COUNTER] == 0
+
+
+def test_rsa_backend_auto_follows_the_cpu(ops_bridge, pubdir, certs):
+    """auto: libcrypto only where OpenSSL has its AVX-512 IFMA code, and
+    then only for 2048-bit keys; this RSA-3072 listener stays with wolfSSL
+    everywhere."""
+    with open("/proc/cpuinfo") as f:
+        flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    ifma = {"avx512f", "avx512ifma", "avx512vl"} <= set(flags)
+    if any("valgrind" in w for w in bl.WRAPPER):
+        ifma = False  # valgrind's CPU has no AVX-512
+    d, admin = rsa_bridge(ops_bridge, pubdir, certs, "auto", cert="rsa3072-proxy")
+    line = d.wait_log(r"event=rsa_backend ")
+    if ifma:
+        assert "RSA-2048 private-key operations by OpenSSL" in line, line
+    else:
+        assert "by wolfSSL (rsa_backend = auto: the CPU has no AVX-512 IFMA)" in line, line
+    want = pem_cert_sha(os.path.join(pubdir, "rsa3072-proxy.pem"))
+    assert peer_cert_sha(certs, d.addr("smtps")) == want
+    assert metrics(admin)[RSA_COUNTER] == 0
+
+
+def test_rsa_backend_in_workers_and_across_a_key_change(ops_bridge, pubdir, certs, upstream):
+    """Each worker signs with its own libcrypto key (forked from a master
+    that used it in the self-test); a reload to an RSA-3072 key is signed
+    with the new key, not a held copy of the old one."""
+    d, admin = rsa_bridge(ops_bridge, pubdir, certs, "openssl", workers=2)
+    smtps = d.addr("smtps")
+    rsa_sha = pem_cert_sha(os.path.join(pubdir, "rsa-proxy.pem"))
+    owners = set()
+    n = 0
+    for n in range(1, 31):
+        full_session(certs, smtps, "w%d" % n)
+        if n >= 6:
+            owners = {sid_owner(e["sid"]) for e in wait_events(d, "session_end", n)}
+            if len(owners) == 2:
+                break
+    assert len(owners) == 2, "all sessions served by one worker"
+    assert len(upstream.wait_messages(n)) == n
+    assert peer_cert_sha(certs, smtps) == rsa_sha
+    before = metrics(admin)[RSA_COUNTER]
+    assert before >= n + 1, (before, n)
+
+    copy_public(os.path.join(certs, "rsa3072-proxy.pem"), os.path.join(pubdir, "proxy.pem"))
+    copy_public(os.path.join(certs, "rsa3072-proxy.key"), os.path.join(pubdir, "proxy.key"))
+    hup_and_wait(d)
+    wait_events(d, "worker_ready", 4)
+    new_sha = pem_cert_sha(os.path.join(certs, "rsa3072-proxy.pem"))
+    for i in range(4):
+        # the client checks the signature against the new certificate's key
+        assert peer_cert_sha(certs, smtps) == new_sha
+    full_session(certs, smtps, "after-reload")
+    assert metrics(admin)[RSA_COUNTER] >= before + 5
+    assert "rsa_backend_error" not in d.log()

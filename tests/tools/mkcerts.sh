@@ -11,6 +11,7 @@
 #   proxy              server cert for the proxy's listeners
 #                      SAN DNS:localhost, IP:127.0.0.1, IP:::1   (signed by ca)
 #   rsa-proxy          RSA-2048 variant of proxy
+#   rsa3072-proxy      RSA-3072 variant of proxy
 #   upstream           SAN DNS:localhost, DNS:upstream.test, IP:127.0.0.1, IP:::1
 #   upstream-wrongname SAN DNS:wrong.test only
 #   upstream-expired   valid names, notAfter in the past
@@ -33,7 +34,7 @@ OUT=$1
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
-NAMES="ca other-ca proxy rsa-proxy upstream upstream-wrongname upstream-expired
+NAMES="ca other-ca proxy rsa-proxy rsa3072-proxy upstream upstream-wrongname upstream-expired
        upstream-selfsigned upstream-untrusted upstream-cnonly upstream-wildcard client
        sni-mail sni-wild sni-cn"
 
@@ -99,6 +100,8 @@ mkca other-ca "smtpbridge unrelated CA"
 leaf proxy localhost "DNS:localhost,IP:127.0.0.1,IP:::1" ca
 openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out rsa-proxy.key 2>/dev/null
 leaf rsa-proxy localhost "DNS:localhost,IP:127.0.0.1,IP:::1" ca
+openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:3072 -out rsa3072-proxy.key 2>/dev/null
+leaf rsa3072-proxy localhost "DNS:localhost,IP:127.0.0.1,IP:::1" ca
 
 leaf upstream localhost "$SAN_VALID" ca
 leaf upstream-wrongname wrong.test "DNS:wrong.test" ca

@@ -296,6 +296,7 @@ static void test_defaults(void)
     CHECK(cfg->command_timeout == 60);
     CHECK(cfg->idle_timeout == 300);
     CHECK(cfg->max_errors == 10);
+    CHECK(cfg->rsa_backend == RSA_BACKEND_AUTO);
 
     CHECK(cfg->nupstreams == 1);
     if (cfg->nupstreams == 1) {
@@ -1096,6 +1097,18 @@ static void test_lines_and_errors(void)
         CHECK(err_has(10, "'foo': unknown key"));
         CHECK(n_err_lines() == 2);
     }
+
+    /* rsa_backend: the three words, and a clear error for anything else */
+    {
+        struct config *c = parse("[global]\nrsa_backend = openssl\n" BASE);
+        CHECK(c != NULL && c->rsa_backend == RSA_BACKEND_OPENSSL);
+        config_free(c);
+        c = parse("[global]\nrsa_backend = wolfssl\n" BASE);
+        CHECK(c != NULL && c->rsa_backend == RSA_BACKEND_WOLFSSL);
+        config_free(c);
+    }
+    CHECK(rejects(2, "[global] key 'rsa_backend'", "[global]\nrsa_backend = fast\n" BASE));
+    CHECK(err_has(2, "expected auto | wolfssl | openssl"));
 
     /* every error is reported, not just the first */
     CHECK(rejects(2, "'syslog'",
