@@ -113,6 +113,13 @@ build/unit/test_proxyproto: tests/unit/test_proxyproto.c proxy/proxyproto.c prox
 	$(CC) $(STD) -O1 -g $(WARN) $(CPPFLAGS) -fsanitize=address,undefined -fno-sanitize-recover=all \
 	  tests/unit/test_proxyproto.c proxy/proxyproto.c proxy/smtp.c -o $@
 
+# The project's wolfSSL build against OpenSSL (its SHA-NI patch, 0004).
+build/unit/test_sha256: tests/unit/test_sha256.c $(WOLFSSL_DIR)/lib/libwolfssl.a
+	@mkdir -p build/unit
+	$(CC) $(STD) -O1 -g $(WARN) $(CPPFLAGS) -I$(WOLFSSL_DIR)/include -fsanitize=address,undefined \
+	  -fno-sanitize-recover=all tests/unit/test_sha256.c $(WOLFSSL_DIR)/lib/libwolfssl.a -lcrypto \
+	  -lm -lpthread -o $@
+
 test-unit: $(UNIT_TESTS)
 	@set -e; for t in $(UNIT_TESTS); do echo "== $$t"; $$t; done
 
