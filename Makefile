@@ -98,23 +98,23 @@ install: all
 
 UNIT_TESTS := $(patsubst tests/unit/%.c,build/unit/%,$(wildcard tests/unit/test_*.c))
 
-build/unit/test_smtp: tests/unit/test_smtp.c proxy/smtp.c proxy/smtp.h
+build/unit/test_smtp: tests/unit/test_smtp.c tests/unit/check.h proxy/smtp.c proxy/smtp.h
 	@mkdir -p build/unit
 	$(CC) $(STD) -O1 -g $(WARN) $(CPPFLAGS) -fsanitize=address,undefined -fno-sanitize-recover=all \
 	  tests/unit/test_smtp.c proxy/smtp.c -o $@
 
-build/unit/test_config: tests/unit/test_config.c proxy/config.c proxy/log.c proxy/config.h
+build/unit/test_config: tests/unit/test_config.c tests/unit/check.h proxy/config.c proxy/log.c proxy/config.h
 	@mkdir -p build/unit
 	$(CC) $(STD) -O1 -g $(WARN) $(CPPFLAGS) -fsanitize=address,undefined -fno-sanitize-recover=all \
 	  tests/unit/test_config.c proxy/config.c proxy/log.c -linih -o $@
 
-build/unit/test_proxyproto: tests/unit/test_proxyproto.c proxy/proxyproto.c proxy/smtp.c proxy/proxyproto.h
+build/unit/test_proxyproto: tests/unit/test_proxyproto.c tests/unit/check.h proxy/proxyproto.c proxy/smtp.c proxy/proxyproto.h
 	@mkdir -p build/unit
 	$(CC) $(STD) -O1 -g $(WARN) $(CPPFLAGS) -fsanitize=address,undefined -fno-sanitize-recover=all \
 	  tests/unit/test_proxyproto.c proxy/proxyproto.c proxy/smtp.c -o $@
 
 # The project's wolfSSL build against OpenSSL (its SHA-NI patch, 0004).
-build/unit/test_sha256: tests/unit/test_sha256.c $(WOLFSSL_DIR)/lib/libwolfssl.a
+build/unit/test_sha256: tests/unit/test_sha256.c tests/unit/check.h $(WOLFSSL_DIR)/lib/libwolfssl.a
 	@mkdir -p build/unit
 	$(CC) $(STD) -O1 -g $(WARN) $(CPPFLAGS) -I$(WOLFSSL_DIR)/include -fsanitize=address,undefined \
 	  -fno-sanitize-recover=all tests/unit/test_sha256.c $(WOLFSSL_DIR)/lib/libwolfssl.a -lcrypto \
@@ -146,10 +146,10 @@ fuzz: $(WOLFSSL_DIR)/lib/libwolfssl.a
 	tests/fuzz/run.sh 600
 
 format:
-	clang-format -i proxy/*.c proxy/*.h tests/unit/*.c tests/fuzz/*.c tests/bench/*.c
+	clang-format -i proxy/*.c proxy/*.h tests/unit/*.c tests/unit/*.h tests/fuzz/*.c tests/bench/*.c
 
 format-check:
-	@clang-format --dry-run --Werror proxy/*.c proxy/*.h tests/unit/*.c tests/fuzz/*.c tests/bench/*.c \
+	@clang-format --dry-run --Werror proxy/*.c proxy/*.h tests/unit/*.c tests/unit/*.h tests/fuzz/*.c tests/bench/*.c \
 	  && echo "format-check: OK"
 
 test:

@@ -28,17 +28,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-static int n_passed, n_failed;
-
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (cond) {                                                                                \
-            n_passed++;                                                                            \
-        } else {                                                                                   \
-            n_failed++;                                                                            \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);               \
-        }                                                                                          \
-    } while (0)
+#include "check.h"
 
 static char g_dir[64];
 static char g_cert[128], g_key[128];

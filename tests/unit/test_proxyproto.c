@@ -22,17 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int n_passed, n_failed;
-
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (cond) {                                                                                \
-            n_passed++;                                                                            \
-        } else {                                                                                   \
-            n_failed++;                                                                            \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);               \
-        }                                                                                          \
-    } while (0)
+#include "check.h"
 
 /* A string literal and its length (embedded NULs included). */
 #define S(lit) (const uint8_t *)(lit), (sizeof(lit) - 1)

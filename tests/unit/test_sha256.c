@@ -18,17 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int passed, failed;
-
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (cond) {                                                                                \
-            passed++;                                                                              \
-        } else {                                                                                   \
-            failed++;                                                                              \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);               \
-        }                                                                                          \
-    } while (0)
+#include "check.h"
 
 static void hex(const unsigned char *d, char out[65])
 {
@@ -82,7 +72,7 @@ int main(void)
         for (size_t i = 0; i < n; i++)
             buf[i] = (unsigned char)rand();
         if (EVP_Digest(buf, n, b, &blen, EVP_sha256(), NULL) != 1 || blen != 32) {
-            failed++;
+            n_failed++;
             break;
         }
         if (wolf_sha256(buf, n, 0, a) != 0 || memcmp(a, b, 32) != 0)
@@ -95,6 +85,6 @@ int main(void)
     int shani = __get_cpuid_count(7, 0, &ax, &bx, &cx, &dx) && ((bx >> 29) & 1);
     printf("SHA-256 transform under test: %s\n",
            shani ? "SHA-NI (patch 0004)" : "wolfSSL's own (this CPU has no SHA extensions)");
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed ? 1 : 0;
+    printf("%d passed, %d failed\n", n_passed, n_failed);
+    return n_failed ? 1 : 0;
 }
