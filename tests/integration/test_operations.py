@@ -1150,3 +1150,35 @@ def test_rsa_backend_in_workers_and_across_a_key_change(ops_bridge, pubdir, cert
     full_session(certs, smtps, "after-reload")
     assert metrics(admin)[RSA_COUNTER] >= before + 5
     assert "rsa_backend_error" not in d.log()
+
+
+def test_upstream_client_certificate_signed_by_rsa_backend(make_bridge, upstream, certs):
+    """An upstream that requires a client certificate: without `cert`/`key`
+    in [upstream] the session gets a 421; with an RSA pair the proxy
+    authenticates, and with rsa_backend = openssl libcrypto signs its
+    CertificateVerify (the listeners are ECDSA: nothing else is RSA)."""
+    upstream.tls_context.load_verify_locations(os.path.join(certs, "ca.pem"))
+    upstream.tls_context.verify_mode = ssl.CERT_REQUIRED
+
+    bare = make_bridge(upstream.address, health=None)
+    with RawClient(*bare.addr("smtps"), tls_ctx=client_ctx(certs)) as c:
+        replies = [c.read_reply()]
+        for line in ("EHLO ops.test", auth_plain()):
+            if replies[-1].code == 421:
+                break
+            replies.append(c.cmd(line))
+    assert replies[-1].code == 421, replies
+    # TLS 1.3: the upstream refuses after the proxy's Finished, so the proxy
+    # sees its TLS session close (the alert is not decoded into the reason)
+    bare.wait_log(r'event=session_end .*reason="upstream closed the connection"')
+    assert upstream.messages() == []
+
+    admin = ("127.0.0.1", free_port())
+    d = make_bridge(upstream.address,
+                    global_opts={"rsa_backend": "openssl", "admin": "%s:%d" % admin},
+                    upstream_opts={"cert": os.path.join(certs, "rsa-client.pem"),
+                                   "key": os.path.join(certs, "rsa-client.key")})
+    assert metrics(admin)[RSA_COUNTER] == 0
+    msg = full_session(certs, d.addr("smtps"), "client-cert")
+    assert sha(upstream.wait_messages(1)[0][1]) == sha(msg)
+    assert metrics(admin)[RSA_COUNTER] >= 1

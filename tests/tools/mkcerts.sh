@@ -20,6 +20,7 @@
 #   upstream-cnonly    CN=localhost, no SAN
 #   upstream-wildcard  SAN DNS:up*.test only
 #   client             client certificate (extendedKeyUsage clientAuth), signed by ca
+#   rsa-client         RSA-2048 variant of client
 #   sni-mail           SAN DNS:mail.sni.test                 (a second listener cert)
 #   sni-wild           RSA-2048, SAN DNS:*.wild.test, DNS:rsa.sni.test
 #   sni-cn             CN=cn.sni.test, no SAN
@@ -36,7 +37,7 @@ OUT=$(cd "$OUT" && pwd)
 
 NAMES="ca other-ca proxy rsa-proxy rsa3072-proxy upstream upstream-wrongname upstream-expired
        upstream-selfsigned upstream-untrusted upstream-cnonly upstream-wildcard client
-       sni-mail sni-wild sni-cn"
+       rsa-client sni-mail sni-wild sni-cn"
 
 complete=1
 [ -f "$OUT/.complete" ] || complete=0
@@ -109,6 +110,8 @@ leaf upstream-untrusted localhost "$SAN_VALID" other-ca
 leaf upstream-cnonly localhost "" ca
 leaf upstream-wildcard "up*.test" "DNS:up*.test" ca
 leaf client "smtpbridge test client" "" ca clientAuth
+openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out rsa-client.key 2>/dev/null
+leaf rsa-client "smtpbridge test client" "" ca clientAuth
 leaf sni-mail mail.sni.test "DNS:mail.sni.test" ca
 openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out sni-wild.key 2>/dev/null
 leaf sni-wild wild.test "DNS:*.wild.test,DNS:rsa.sni.test" ca
