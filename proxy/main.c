@@ -198,16 +198,25 @@ static void stop_cb(struct ev_loop *loop, ev_signal *w, int revents)
     }
 }
 
-/* Before a configuration's contexts are built: who computes RSA signatures. */
+/*
+ * Before a configuration's contexts are built: who computes RSA signatures
+ * (the contexts read the choice when they are built). Logged only once the
+ * configuration is in use, by log_rsa_backend().
+ */
 static void select_rsa_backend(const struct config *cfg)
 {
     char err[200], q[300];
-    const char *d;
 
     if (rsa_backend_select(cfg->rsa_backend, err, sizeof(err)) == -1)
         log_msg(LOG_LVL_WARNING, 0, "event=config_warning msg=%s",
                 log_quote(q, sizeof(q), err, strlen(err)));
-    d = rsa_backend_describe();
+}
+
+static void log_rsa_backend(void)
+{
+    char q[300];
+    const char *d = rsa_backend_describe();
+
     log_msg(LOG_LVL_INFO, 0, "event=rsa_backend msg=%s", log_quote(q, sizeof(q), d, strlen(d)));
 }
 
@@ -246,6 +255,9 @@ static int reload_runtime(void)
     }
     next = cfg ? runtime_build(cfg, 1, rt) : NULL;
     if (next == NULL) {
+        /* The running configuration's choice again (its key-size rule
+         * applies to every context, old ones included). */
+        select_rsa_backend(rt->cfg);
         log_msg(LOG_LVL_ERROR, 0,
                 "event=reload_failed msg=\"the new configuration has errors (see above); "
                 "keeping the running one\"");
@@ -267,6 +279,7 @@ static int reload_runtime(void)
     listener_close(rt);
     runtime_unref(rt); /* freed once its last session ends */
     rt = next;
+    log_rsa_backend();
     startup_warnings(rt->cfg);
     return 0;
 }
@@ -593,6 +606,8 @@ int main(int argc, char **argv)
     config_path = path;
     select_rsa_backend(cfg);
     rt = runtime_build(cfg, !test, NULL);
+    if (rt != NULL && !test)
+        log_rsa_backend();
     if (rt == NULL) {
         fprintf(stderr, "smtpbridge: %s: configuration has errors\n", path);
         tls_cleanup();

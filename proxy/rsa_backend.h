@@ -27,10 +27,13 @@
 
 /*
  * rsa_backend_select(want): the choice for contexts built from now on
- * (call it before building a configuration's TLS contexts; contexts built
- * earlier keep theirs). Registers the crypto callback with wolfSSL the
- * first time (after tls_init()). Returns 0, or -1 with err set when the
- * callback cannot be registered (the choice is then wolfSSL).
+ * (call it before building a configuration's TLS contexts). Whether a
+ * context goes to libcrypto at all is fixed when it is built; the key-size
+ * rule of `auto` is read at each signature, so it applies to older
+ * contexts too (a failed reload must select the running configuration's
+ * choice again). Registers the crypto callback with wolfSSL the first time
+ * (after tls_init()). Returns 0, or -1 with err set when the callback
+ * cannot be registered (the choice is then wolfSSL).
  */
 int rsa_backend_select(enum rsa_backend want, char *err, size_t errlen);
 

@@ -1116,6 +1116,34 @@ def test_rsa_backend_auto_follows_the_cpu(ops_bridge, pubdir, certs):
     want = pem_cert_sha(os.path.join(pubdir, "rsa3072-proxy.pem"))
     assert peer_cert_sha(certs, d.addr("smtps")) == want
     assert metrics(admin)[RSA_COUNTER] == 0
+    if ifma:
+        # and an RSA-2048 listener on the same CPU is signed by libcrypto
+        d2, admin2 = rsa_bridge(ops_bridge, pubdir, certs, "auto")
+        base = metrics(admin2)[RSA_COUNTER]
+        assert base >= 1, "the self-test handshakes"
+        assert peer_cert_sha(certs, d2.addr("smtps")) == pem_cert_sha(
+            os.path.join(pubdir, "rsa-proxy.pem"))
+        assert metrics(admin2)[RSA_COUNTER] == base + 1
+
+
+def test_rsa_backend_failed_reload_keeps_the_running_choice(ops_bridge, pubdir, certs):
+    """A reload that fails while building its TLS contexts (a key that does
+    not match its certificate) leaves the running choice in force: no
+    event=rsa_backend for the refused configuration, and the RSA-3072
+    listener is still signed by libcrypto (rsa_backend = openssl), although
+    the refused file said auto (RSA-2048 only)."""
+    d, admin = rsa_bridge(ops_bridge, pubdir, certs, "openssl", cert="rsa3072-proxy")
+    good = d.sections
+    bad = edit(good, "global", rsa_backend="auto")
+    bad = edit(bad, "listener sub", key=os.path.join(pubdir, "rsa-proxy.key"))
+    write_config(d, bad)
+    line, start = hup_and_wait(d, ok=False)
+    assert "event=rsa_backend " not in d.log()[start:], d.log()[start:]
+    before = metrics(admin)[RSA_COUNTER]
+    assert peer_cert_sha(certs, d.addr("smtps")) == pem_cert_sha(
+        os.path.join(pubdir, "rsa3072-proxy.pem"))
+    assert metrics(admin)[RSA_COUNTER] == before + 1
+    d.listeners = relisteners(good)
 
 
 def test_rsa_backend_in_workers_and_across_a_key_change(ops_bridge, pubdir, certs, upstream):
