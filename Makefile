@@ -120,6 +120,14 @@ build/unit/test_sha256: tests/unit/test_sha256.c tests/unit/check.h $(WOLFSSL_DI
 	  -fno-sanitize-recover=all tests/unit/test_sha256.c $(WOLFSSL_DIR)/lib/libwolfssl.a -lcrypto \
 	  -lm -lpthread -o $@
 
+# proxy/rsa_backend.c against wolfSSL's own RSA (needs both libraries).
+build/unit/test_rsa_backend: tests/unit/test_rsa_backend.c tests/unit/check.h proxy/rsa_backend.c \
+  proxy/rsa_backend.h proxy/metrics.c proxy/log.c $(WOLFSSL_DIR)/lib/libwolfssl.a
+	@mkdir -p build/unit
+	$(CC) $(STD) -O1 -g $(WARN) $(CPPFLAGS) -I$(WOLFSSL_DIR)/include -fsanitize=address,undefined \
+	  -fno-sanitize-recover=all tests/unit/test_rsa_backend.c proxy/rsa_backend.c proxy/metrics.c \
+	  proxy/log.c $(WOLFSSL_DIR)/lib/libwolfssl.a -lcrypto -lm -lpthread -o $@
+
 test-unit: $(UNIT_TESTS)
 	@set -e; for t in $(UNIT_TESTS); do echo "== $$t"; $$t; done
 
