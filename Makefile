@@ -120,13 +120,25 @@ build/unit/test_sha256: tests/unit/test_sha256.c tests/unit/check.h $(WOLFSSL_DI
 	  -fno-sanitize-recover=all tests/unit/test_sha256.c $(WOLFSSL_DIR)/lib/libwolfssl.a -lcrypto \
 	  -lm -lpthread -o $@
 
+# The crypto device's parts (cryptodev.c), which the two tests below link.
+CRYPTODEV_SRCS := proxy/cryptodev.c proxy/gcm_vaes.c proxy/rsa_backend.c proxy/metrics.c proxy/log.c
+
 # proxy/rsa_backend.c against wolfSSL's own RSA (needs both libraries).
-build/unit/test_rsa_backend: tests/unit/test_rsa_backend.c tests/unit/check.h proxy/rsa_backend.c \
-  proxy/rsa_backend.h proxy/metrics.c proxy/log.c $(WOLFSSL_DIR)/lib/libwolfssl.a
+build/unit/test_rsa_backend: tests/unit/test_rsa_backend.c tests/unit/check.h $(CRYPTODEV_SRCS) \
+  proxy/rsa_backend.h proxy/cryptodev.h $(WOLFSSL_DIR)/lib/libwolfssl.a
 	@mkdir -p build/unit
 	$(CC) $(STD) -O1 -g $(WARN) $(CPPFLAGS) -I$(WOLFSSL_DIR)/include -fsanitize=address,undefined \
-	  -fno-sanitize-recover=all tests/unit/test_rsa_backend.c proxy/rsa_backend.c proxy/metrics.c \
-	  proxy/log.c $(WOLFSSL_DIR)/lib/libwolfssl.a -lcrypto -lm -lpthread -o $@
+	  -fno-sanitize-recover=all tests/unit/test_rsa_backend.c $(CRYPTODEV_SRCS) \
+	  $(WOLFSSL_DIR)/lib/libwolfssl.a -lcrypto -lm -lpthread -o $@
+
+# proxy/gcm_vaes.c against wolfSSL's AES-GCM, directly and through the
+# crypto device.
+build/unit/test_gcm_vaes: tests/unit/test_gcm_vaes.c tests/unit/check.h $(CRYPTODEV_SRCS) \
+  proxy/gcm_vaes.h proxy/cryptodev.h $(WOLFSSL_DIR)/lib/libwolfssl.a
+	@mkdir -p build/unit
+	$(CC) $(STD) -O1 -g $(WARN) $(CPPFLAGS) -I$(WOLFSSL_DIR)/include -fsanitize=address,undefined \
+	  -fno-sanitize-recover=all tests/unit/test_gcm_vaes.c $(CRYPTODEV_SRCS) \
+	  $(WOLFSSL_DIR)/lib/libwolfssl.a -lcrypto -lm -lpthread -o $@
 
 test-unit: $(UNIT_TESTS)
 	@set -e; for t in $(UNIT_TESTS); do echo "== $$t"; $$t; done

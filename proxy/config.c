@@ -470,6 +470,7 @@ static const char *const mode_words[] = {"implicit", "starttls", NULL};
 static const char *const pp_words[] = {"off", "v1", "v2", NULL};
 static const char *const format_words[] = {"text", "json", NULL};
 static const char *const rsa_words[] = {"auto", "wolfssl", "openssl", NULL};
+static const char *const gcm_words[] = {"auto", "wolfssl", NULL};
 
 #define G(f) offsetof(struct config, f)
 #define U(f) offsetof(struct upstream_cfg, f)
@@ -490,6 +491,7 @@ static const struct keydef global_keys[] = {
     {"buffer_size", K_SIZE, G(buffer_size), 0, NULL},
     {"tls_batch_memory", K_SIZE, G(tls_batch_memory), 0, NULL},
     {"rsa_backend", K_ENUM, G(rsa_backend), 0, rsa_words},
+    {"aes_gcm", K_ENUM, G(aes_gcm), 0, gcm_words},
     {"handshake_timeout", K_DURATION, G(handshake_timeout), 0, NULL},
     {"command_timeout", K_DURATION, G(command_timeout), 0, NULL},
     {"idle_timeout", K_DURATION, G(idle_timeout), 0, NULL},
@@ -1191,13 +1193,14 @@ void config_dump(const struct config *cfg, FILE *out)
     fprintf(out,
             "log_level = %s\nlog_format = %s\nsyslog = %s\nmax_sessions = %u\nmax_sessions_per_ip "
             "= %u\n"
-            "buffer_size = %zu\ntls_batch_memory = %zu\nrsa_backend = %s\nhandshake_timeout = %gs\n"
+            "buffer_size = %zu\ntls_batch_memory = %zu\nrsa_backend = %s\naes_gcm = "
+            "%s\nhandshake_timeout = %gs\n"
             "command_timeout = %gs\n"
             "idle_timeout = %gs\ndrain_timeout = %gs\nmax_errors = %u\n",
             lvl[cfg->log_level], format_words[cfg->log_json], cfg->syslog ? "yes" : "no",
             cfg->max_sessions, cfg->max_sessions_per_ip, cfg->buffer_size, cfg->tls_batch_memory,
-            rsa_words[cfg->rsa_backend], cfg->handshake_timeout, cfg->command_timeout,
-            cfg->idle_timeout, cfg->drain_timeout, cfg->max_errors);
+            rsa_words[cfg->rsa_backend], gcm_words[cfg->aes_gcm], cfg->handshake_timeout,
+            cfg->command_timeout, cfg->idle_timeout, cfg->drain_timeout, cfg->max_errors);
     for (size_t i = 0; i < cfg->nupstreams; i++) {
         const struct upstream_cfg *u = &cfg->upstreams[i];
         fprintf(out, "\n[upstream%s%s]\naddress = ", u->name[0] ? " " : "", u->name);

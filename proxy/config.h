@@ -19,6 +19,8 @@ enum upstream_tls { UPSTREAM_TLS_STARTTLS = 0, UPSTREAM_TLS_IMPLICIT, UPSTREAM_T
 enum listener_mode { LISTENER_IMPLICIT = 0, LISTENER_STARTTLS };
 /* Which library computes RSA signatures (rsa_backend.h). */
 enum rsa_backend { RSA_BACKEND_AUTO = 0, RSA_BACKEND_WOLFSSL, RSA_BACKEND_OPENSSL };
+/* Which code encrypts and decrypts AES-GCM records (cryptodev.h). */
+enum aes_gcm { AES_GCM_AUTO = 0, AES_GCM_WOLFSSL };
 
 /* TLS versions as minor numbers: 1.1 -> 11, 1.2 -> 12, 1.3 -> 13. */
 #define TLS_V10 10
@@ -108,6 +110,7 @@ struct config {
     size_t buffer_size;
     size_t tls_batch_memory; /* record I/O blocks per process (conn.c); 0: off */
     enum rsa_backend rsa_backend;
+    enum aes_gcm aes_gcm;
     double handshake_timeout, command_timeout, idle_timeout, drain_timeout;
     unsigned max_errors;
     struct upstream_cfg *upstreams;

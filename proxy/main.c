@@ -17,6 +17,7 @@
 #include "listener.h"
 #include "metrics.h"
 #include "log.h"
+#include "cryptodev.h"
 #include "rsa_backend.h"
 #include "runtime.h"
 #include "session.h"
@@ -200,24 +201,27 @@ static void stop_cb(struct ev_loop *loop, ev_signal *w, int revents)
 
 /*
  * Before a configuration's contexts are built: who computes RSA signatures
- * (the contexts read the choice when they are built). Logged only once the
- * configuration is in use, by log_rsa_backend().
+ * and AES-GCM records (the contexts read the choices when they are built).
+ * Logged only once the configuration is in use, by log_crypto().
  */
-static void select_rsa_backend(const struct config *cfg)
+static void select_crypto(const struct config *cfg)
 {
     char err[200], q[300];
 
-    if (rsa_backend_select(cfg->rsa_backend, err, sizeof(err)) == -1)
+    if (rsa_backend_select(cfg->rsa_backend, err, sizeof(err)) == -1 ||
+        aes_gcm_select(cfg->aes_gcm, err, sizeof(err)) == -1)
         log_msg(LOG_LVL_WARNING, 0, "event=config_warning msg=%s",
                 log_quote(q, sizeof(q), err, strlen(err)));
 }
 
-static void log_rsa_backend(void)
+static void log_crypto(void)
 {
     char q[300];
     const char *d = rsa_backend_describe();
 
     log_msg(LOG_LVL_INFO, 0, "event=rsa_backend msg=%s", log_quote(q, sizeof(q), d, strlen(d)));
+    d = aes_gcm_describe();
+    log_msg(LOG_LVL_INFO, 0, "event=aes_gcm msg=%s", log_quote(q, sizeof(q), d, strlen(d)));
 }
 
 /* ---- reload (HUP) ---- */
@@ -251,13 +255,13 @@ static int reload_runtime(void)
     if (cfg != NULL) {
         /* Keys of the old configuration go; the new ones load on first use. */
         rsa_backend_forget();
-        select_rsa_backend(cfg);
+        select_crypto(cfg);
     }
     next = cfg ? runtime_build(cfg, 1, rt) : NULL;
     if (next == NULL) {
-        /* The running configuration's choice again (its key-size rule
-         * applies to every context, old ones included). */
-        select_rsa_backend(rt->cfg);
+        /* The running configuration's choices again (they are read at
+         * every signature and record, by old contexts too). */
+        select_crypto(rt->cfg);
         log_msg(LOG_LVL_ERROR, 0,
                 "event=reload_failed msg=\"the new configuration has errors (see above); "
                 "keeping the running one\"");
@@ -279,7 +283,7 @@ static int reload_runtime(void)
     listener_close(rt);
     runtime_unref(rt); /* freed once its last session ends */
     rt = next;
-    log_rsa_backend();
+    log_crypto();
     startup_warnings(rt->cfg);
     return 0;
 }
@@ -604,10 +608,10 @@ int main(int argc, char **argv)
         return 1;
     }
     config_path = path;
-    select_rsa_backend(cfg);
+    select_crypto(cfg);
     rt = runtime_build(cfg, !test, NULL);
     if (rt != NULL && !test)
-        log_rsa_backend();
+        log_crypto();
     if (rt == NULL) {
         fprintf(stderr, "smtpbridge: %s: configuration has errors\n", path);
         tls_cleanup();

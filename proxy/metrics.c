@@ -26,7 +26,7 @@ struct shared {
     size_t nlisteners;
     struct listener_metrics overflow;
     uint64_t tls_failures[2][3];
-    uint64_t dial_count[16], dial_n, resumed_n, failovers, client_resumed, rsa_openssl;
+    uint64_t dial_count[16], dial_n, resumed_n, failovers, client_resumed, rsa_openssl, gcm_vaes;
     double dial_sum;
     uint64_t bytes_c2u, bytes_u2c, auth_ok, auth_failed;
 };
@@ -195,6 +195,12 @@ void metrics_rsa_openssl(void)
     ADD(m->rsa_openssl, 1);
 }
 
+void metrics_aes_gcm_vaes(void)
+{
+    shared_get();
+    ADD(m->gcm_vaes, 1);
+}
+
 void metrics_auth(int ok)
 {
     shared_get();
@@ -311,6 +317,12 @@ void metrics_render(FILE *out)
             "# TYPE smtpbridge_rsa_openssl_signatures_total counter\n"
             "smtpbridge_rsa_openssl_signatures_total %llu\n",
             (unsigned long long)GET(m->rsa_openssl));
+    fprintf(out,
+            "# HELP smtpbridge_aes_gcm_vaes_records_total TLS records encrypted or decrypted "
+            "by the VAES/VPCLMULQDQ AES-GCM (aes_gcm = auto on a CPU that has them).\n"
+            "# TYPE smtpbridge_aes_gcm_vaes_records_total counter\n"
+            "smtpbridge_aes_gcm_vaes_records_total %llu\n",
+            (unsigned long long)GET(m->gcm_vaes));
     fprintf(out,
             "# HELP smtpbridge_bytes_total Bytes relayed, by direction.\n"
             "# TYPE smtpbridge_bytes_total counter\n"

@@ -62,6 +62,8 @@ void metrics_failover(void);
 void metrics_client_resumed(void);
 /* OpenSSL's libcrypto computed an RSA signature (rsa_backend.c). */
 void metrics_rsa_openssl(void);
+/* gcm_vaes.c encrypted or decrypted a TLS record (cryptodev.c). */
+void metrics_aes_gcm_vaes(void);
 
 /* Writes every metric in the Prometheus text exposition format. */
 void metrics_render(FILE *out);

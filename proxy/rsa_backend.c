@@ -33,6 +33,7 @@
  */
 #include "rsa_backend.h"
 
+#include "cryptodev.h"
 #include "log.h"
 #include "metrics.h"
 
@@ -61,9 +62,6 @@
 #error "wolfSSL must be built with crypto callbacks (--enable-cryptocb)"
 #endif
 
-/* Our device id: any value wolfSSL does not use itself ("SBrs"). */
-#define RSA_DEVID 0x53427273
-
 /* Keys held at once: a listener's certificates plus a reload's worth. */
 #define HELD_MAX 16
 
@@ -83,8 +81,7 @@ static struct held_key held[HELD_MAX];
 static pid_t held_pid;
 static unsigned long long use_clock;
 
-static int registered;
-static int devid = INVALID_DEVID;
+static int use_openssl;
 static int only_2048; /* auto: keys of other sizes stay with wolfSSL */
 static char why[256] = "RSA private-key operations by wolfSSL";
 static time_t last_error_log;
@@ -175,7 +172,7 @@ static struct held_key *held_get(RsaKey *key, const unsigned char *n, word32 nle
     return h;
 }
 
-static int rsa_private(const wc_CryptoInfo *info)
+int rsa_backend_op(const wc_CryptoInfo *info)
 {
     RsaKey *key = info->pk.rsa.key;
     unsigned char e[16], n[N_MAX];
@@ -183,7 +180,7 @@ static int rsa_private(const wc_CryptoInfo *info)
     size_t outlen;
     struct held_key *h;
 
-    if (info->pk.rsa.type != RSA_PRIVATE_ENCRYPT)
+    if (!use_openssl || info->pk.rsa.type != RSA_PRIVATE_ENCRYPT)
         return CRYPTOCB_UNAVAILABLE; /* signatures only (see the top) */
     if (key == NULL || key->type != RSA_PRIVATE ||
         wc_RsaFlattenPublicKey(key, e, &elen, n, &nlen) != 0)
@@ -205,15 +202,6 @@ static int rsa_private(const wc_CryptoInfo *info)
     *info->pk.rsa.outLen = (word32)outlen;
     metrics_rsa_openssl();
     return 0;
-}
-
-static int device_cb(int dev, wc_CryptoInfo *info, void *ctx)
-{
-    (void)dev;
-    (void)ctx;
-    if (info->algo_type == WC_ALGO_TYPE_PK && info->pk.type == WC_PK_TYPE_RSA)
-        return rsa_private(info);
-    return CRYPTOCB_UNAVAILABLE;
 }
 
 /* What OpenSSL 3.0 requires of the CPU before it uses its AVX-512 IFMA
@@ -254,23 +242,18 @@ int rsa_backend_select(enum rsa_backend want, char *err, size_t errlen)
                  want == RSA_BACKEND_WOLFSSL ? "wolfssl" : "auto",
                  want == RSA_BACKEND_WOLFSSL ? "" : ": the CPU has no AVX-512 IFMA");
     }
-    if (use && !registered) {
-        int rc = wc_CryptoCb_RegisterDevice(RSA_DEVID, device_cb, NULL);
-        if (rc != 0) {
-            snprintf(err, errlen, "cannot register the RSA crypto callback with wolfSSL (%d)", rc);
-            snprintf(why, sizeof(why), "RSA private-key operations by wolfSSL");
-            devid = INVALID_DEVID;
-            return -1;
-        }
-        registered = 1;
+    if (use && cryptodev_register(err, errlen) == -1) {
+        snprintf(why, sizeof(why), "RSA private-key operations by wolfSSL");
+        use_openssl = 0;
+        return -1;
     }
-    devid = use ? RSA_DEVID : INVALID_DEVID;
+    use_openssl = use;
     return 0;
 }
 
 int rsa_backend_devid(void)
 {
-    return devid;
+    return use_openssl ? CRYPTODEV_ID : INVALID_DEVID;
 }
 
 const char *rsa_backend_describe(void)

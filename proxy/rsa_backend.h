@@ -10,7 +10,8 @@
  * CPUs the proxy hands the modular exponentiation, and only that, to
  * libcrypto through wolfSSL's crypto callback interface; wolfSSL still
  * does the padding, the protocol and the check of every signature it
- * sends (see rsa_backend.c).
+ * sends (see rsa_backend.c). The callback is the proxy's crypto device
+ * (cryptodev.h), which also serves AES-GCM.
  *
  * [global] rsa_backend = auto | wolfssl | openssl (config.h):
  *   auto     OpenSSL for 2048-bit keys where the CPU has AVX-512 IFMA
@@ -42,6 +43,12 @@ int rsa_backend_select(enum rsa_backend want, char *err, size_t errlen);
  * INVALID_DEVID (-2) when wolfSSL computes RSA itself.
  */
 int rsa_backend_devid(void);
+
+/* The device's handler for RSA operations (cryptodev.c): the signature's
+ * private-key operation by libcrypto when selected, CRYPTOCB_UNAVAILABLE
+ * (wolfSSL does it) for everything else. */
+struct wc_CryptoInfo;
+int rsa_backend_op(const struct wc_CryptoInfo *info);
 
 /* A one-line description of the current choice and why, for the log. */
 const char *rsa_backend_describe(void);

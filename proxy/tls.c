@@ -4,6 +4,7 @@
 #include "tls.h"
 
 #include "log.h"
+#include "cryptodev.h"
 #include "rsa_backend.h"
 
 #include <arpa/inet.h>
@@ -695,26 +696,30 @@ static int setup_stapling(WOLFSSL_CTX *ctx, const char *cert, const char *file, 
 }
 
 /*
- * A context whose private key is RSA signs through rsa_backend (OpenSSL's
- * libcrypto where that is faster). Only such contexts get the device id:
- * wolfSSL offers every operation of a context with one to the device
- * first, and ECDSA contexts have nothing to gain from the detour. The key
- * type is read from the certificate (the leaf, first in the file), which
- * the caller has already checked to match the key.
+ * The crypto device (cryptodev.h) for a context: AES-GCM records by
+ * gcm_vaes.c where that is selected (every context), and the signature of
+ * a context whose private key is RSA by rsa_backend where that is
+ * selected. With neither, the context has no device id: wolfSSL offers
+ * every operation of a context with one to the device first, which costs
+ * a call per hash update for nothing. The key type is read from the
+ * certificate (the leaf, first in the file; cert NULL: none), which the
+ * caller has already checked to match the key.
  */
-static void use_rsa_backend(WOLFSSL_CTX *ctx, const char *cert)
+static void use_crypto_device(WOLFSSL_CTX *ctx, const char *cert)
 {
     WOLFSSL_X509 *x;
     WOLFSSL_EVP_PKEY *pkey;
+    int rsa = 0;
 
-    if (rsa_backend_devid() == INVALID_DEVID)
-        return;
-    x = wolfSSL_X509_load_certificate_file(cert, WOLFSSL_FILETYPE_PEM);
-    pkey = x ? wolfSSL_X509_get_pubkey(x) : NULL;
-    if (pkey != NULL && wolfSSL_EVP_PKEY_base_id(pkey) == EVP_PKEY_RSA)
-        wolfSSL_CTX_SetDevId(ctx, rsa_backend_devid());
-    wolfSSL_EVP_PKEY_free(pkey);
-    wolfSSL_X509_free(x);
+    if (cert != NULL && rsa_backend_devid() != INVALID_DEVID) {
+        x = wolfSSL_X509_load_certificate_file(cert, WOLFSSL_FILETYPE_PEM);
+        pkey = x ? wolfSSL_X509_get_pubkey(x) : NULL;
+        rsa = pkey != NULL && wolfSSL_EVP_PKEY_base_id(pkey) == EVP_PKEY_RSA;
+        wolfSSL_EVP_PKEY_free(pkey);
+        wolfSSL_X509_free(x);
+    }
+    if (cryptodev_ctx_devid(rsa) != INVALID_DEVID)
+        wolfSSL_CTX_SetDevId(ctx, cryptodev_ctx_devid(rsa));
 }
 
 void tls_server_ctx_free(WOLFSSL_CTX *ctx)
@@ -784,7 +789,7 @@ WOLFSSL_CTX *tls_server_ctx(const struct listener_cfg *li, size_t idx, char *err
         goto fail;
     }
     /* Before the self-test, which then also checks the RSA backend. */
-    use_rsa_backend(ctx, cert);
+    use_crypto_device(ctx, cert);
     /* The response itself is checked by check_staple(), with the same code
      * wolfSSL runs for each handshake. */
     if (idx < li->nocsp && strcmp(li->ocsps[idx], "-") != 0 &&
@@ -859,8 +864,8 @@ WOLFSSL_CTX *tls_client_ctx(const struct upstream_cfg *u, char *err, size_t errl
                      u->cert);
             goto fail;
         }
-        use_rsa_backend(ctx, u->cert);
     }
+    use_crypto_device(ctx, u->cert);
     return ctx;
 fail:
     wolfSSL_CTX_free(ctx);

@@ -15,7 +15,7 @@ declare -A EXTRA_SRCS=(
     [fuzz_ehlo]="proxy/smtp.c"
     [fuzz_config]="proxy/config.c proxy/log.c"
     [fuzz_proxy]="proxy/proxyproto.c"
-    [fuzz_hello]="-Ibuild/wolfssl/include -DSMTPBRIDGE_OWN_WOLFSSL=1 proxy/tls.c proxy/rsa_backend.c proxy/metrics.c proxy/log.c"
+    [fuzz_hello]="-Ibuild/wolfssl/include -DSMTPBRIDGE_OWN_WOLFSSL=1 proxy/tls.c proxy/cryptodev.c proxy/gcm_vaes.c proxy/rsa_backend.c proxy/metrics.c proxy/log.c"
 )
 # Optional extra libraries per target (linked after the sources).
 declare -A EXTRA_LIBS=(

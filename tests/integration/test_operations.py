@@ -1210,3 +1210,176 @@ def test_upstream_client_certificate_signed_by_rsa_backend(make_bridge, upstream
     msg = full_session(certs, d.addr("smtps"), "client-cert")
     assert sha(upstream.wait_messages(1)[0][1]) == sha(msg)
     assert metrics(admin)[RSA_COUNTER] >= 1
+
+
+# ======================================================= 9. AES-GCM by VAES
+
+GCM_COUNTER = "smtpbridge_aes_gcm_vaes_records_total"
+
+
+def cpu_has_vaes():
+    """What gcm_vaes_usable() asks of the CPU; valgrind's CPU has none of
+    it, so under valgrind wolfSSL does AES-GCM."""
+    if any("valgrind" in w for w in bl.WRAPPER):
+        return False
+    with open("/proc/cpuinfo") as f:
+        flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    return {"avx2", "aes", "pclmulqdq", "vaes", "vpclmulqdq"} <= set(flags)
+
+
+class MemTLS:
+    """An implicit-TLS client whose TLS records pass through the test's
+    hands (ssl.MemoryBIO), so that a test can change a byte of one."""
+
+    def __init__(self, certs, addr):
+        self.sock = socket.create_connection(addr, timeout=10 * TF)
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = client_ctx(certs).wrap_bio(self.inc, self.out, server_hostname="localhost")
+        self.buf = b""
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._feed()
+        self._flush()
+
+    def _flush(self, tamper=None):
+        data = self.out.read()
+        if data:
+            self.sock.sendall(tamper(data) if tamper else data)
+
+    def _feed(self):
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("closed")
+        self.inc.write(data)
+
+    def send(self, data, tamper=None):
+        self.obj.write(data)
+        self._flush(tamper)
+
+    def reply(self):
+        while True:
+            lines = self.buf.split(b"\r\n")
+            for i, ln in enumerate(lines[:-1]):
+                if len(ln) < 4 or ln[3:4] != b"-":
+                    self.buf = b"\r\n".join(lines[i + 1:])
+                    return int(ln[:3])
+            try:
+                self.buf += self.obj.read(65536)
+            except ssl.SSLWantReadError:
+                self._feed()
+
+    def cmd(self, line):
+        self.send(line + b"\r\n")
+        return self.reply()
+
+
+def gcm_bridge(ops_bridge, setting=None):
+    admin = ("127.0.0.1", free_port())
+    g = {"admin": "%s:%d" % admin}
+    if setting:
+        g["aes_gcm"] = setting
+    d = ops_bridge(global_opts=g)
+    return d, admin, d.wait_log(r"event=aes_gcm ")
+
+
+def relay_big(certs, addr, tag, tls12=False):
+    """AUTH and one ~550 KB message, over implicit TLS (TLS 1.3) or over
+    STARTTLS with TLS 1.2 and AES-128-GCM; returns the message."""
+    msg = big_message(tag, nlines=6000)
+    if tls12:
+        c = RawClient(*addr)
+        assert c.read_reply().code == 220
+        assert c.cmd("EHLO ops.test").code == 250
+        assert c.cmd("STARTTLS").code == 220
+        ctx = client_ctx(certs)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256")
+        c.starttls(ctx)
+        assert c.sock.version() == "TLSv1.2" and "AES128-GCM" in c.sock.cipher()[0], c.sock.cipher()
+        assert c.cmd("EHLO ops.test").code == 250
+        assert c.cmd(auth_plain()).code == 235
+    else:
+        c, _ = authed(certs, addr)
+    with c:
+        begin_data(c)
+        c.send(dot_stuff(msg))
+        r = c.read_reply(timeout=30)
+        assert r.code == 250, r
+        assert c.cmd("QUIT").code == 221
+    return msg
+
+
+def test_aes_gcm_auto_relays_bulk_data_byte_for_byte(ops_bridge, certs, upstream):
+    """aes_gcm = auto (the default): on a CPU with VAES the records of a
+    big message are decrypted (client leg) and encrypted (upstream leg) by
+    gcm_vaes.c, and OpenSSL at both ends (the client, the upstream) accepts
+    every byte and tag: TLS 1.3 with AES-256-GCM, TLS 1.2 with AES-128-GCM.
+    Elsewhere wolfSSL does it, and the log says why."""
+    d, admin, line = gcm_bridge(ops_bridge)
+    vaes = cpu_has_vaes()
+    if vaes:
+        assert "AES-GCM by VAES/VPCLMULQDQ" in line and "aes_gcm = auto" in line, line
+    else:
+        assert "AES-GCM by wolfSSL (aes_gcm = auto: the CPU has no VAES/VPCLMULQDQ)" in line, line
+    base = metrics(admin)[GCM_COUNTER]
+    m1 = relay_big(certs, d.addr("smtps"), "gcm-tls13")
+    mid = metrics(admin)[GCM_COUNTER]
+    m2 = relay_big(certs, d.addr("sub"), "gcm-tls12", tls12=True)
+    got = upstream.wait_messages(2)
+    assert [sha(b) for _, b in got] == [sha(m1), sha(m2)]
+    end = metrics(admin)[GCM_COUNTER]
+    if vaes:
+        # ~550 KB each way through 16 KiB records: decrypted once, encrypted once
+        want = 2 * len(m1) // 16384
+        assert mid - base >= want * 0.9, (base, mid, want)
+        assert end - mid >= want * 0.9, (mid, end, want)
+    else:
+        assert end == base == 0
+    assert "event=tls_failure" not in d.log() and "error" not in d.log().lower()
+
+
+def test_aes_gcm_wolfssl_setting_keeps_it_in_wolfssl(ops_bridge, certs, upstream):
+    d, admin, line = gcm_bridge(ops_bridge, "wolfssl")
+    assert "AES-GCM by wolfSSL (aes_gcm = wolfssl)" in line, line
+    msg = relay_big(certs, d.addr("smtps"), "gcm-wolfssl")
+    assert sha(upstream.wait_messages(1)[0][1]) == sha(msg)
+    assert metrics(admin)[GCM_COUNTER] == 0
+
+
+def test_aes_gcm_tampered_record_is_refused_and_nothing_is_relayed(ops_bridge, certs,
+                                                                    upstream):
+    """One changed bit in a client's record of message data: the record is
+    refused (its tag does not match), the session ends, and the upstream
+    gets no message; the bytes of that record are not forwarded."""
+    d, admin, _ = gcm_bridge(ops_bridge)
+    c = MemTLS(certs, d.addr("smtps"))
+    assert c.reply() == 220
+    assert c.cmd(b"EHLO ops.test") == 250
+    assert c.cmd(auth_plain()) == 235
+    assert c.cmd(b"MAIL FROM:<alice@client.test>") == 250
+    assert c.cmd(b"RCPT TO:<bob@dest.test>") == 250
+    assert c.cmd(b"DATA") == 354
+    base = metrics(admin)[GCM_COUNTER]
+
+    def flip(rec):
+        assert len(rec) > 8000, len(rec)  # one record: the 8 KB write
+        b = bytearray(rec)
+        b[4000] ^= 0x04
+        return bytes(b)
+
+    c.send(make_message("tampered", b"y" * 8100 + b"\r\n") + b".\r\n", tamper=flip)
+    with pytest.raises((EOFError, ssl.SSLError, ConnectionError)):
+        for _ in range(100):
+            c.reply()
+    line = d.wait_log(r"event=session_end ")
+    assert 'reason="client read failed: TLS read: AES-GCM Authentication check fail' in line, line
+    # the commands before DATA went through, no byte of the refused record
+    assert int(re.search(r"bytes_c2u=(\d+)", line).group(1)) < 1000, line
+    time.sleep(0.3 * TF)
+    assert upstream.messages() == []
+    if cpu_has_vaes():
+        assert metrics(admin)[GCM_COUNTER] == base + 1

@@ -1100,6 +1100,19 @@ static void test_lines_and_errors(void)
     CHECK(rejects(2, "[global] key 'rsa_backend'", "[global]\nrsa_backend = fast\n" BASE));
     CHECK(err_has(2, "expected auto | wolfssl | openssl"));
 
+    /* aes_gcm: auto by default, wolfssl, and nothing else (there is no
+     * word that forces VAES: on a CPU without it that would be SIGILL) */
+    {
+        struct config *c = parse(BASE);
+        CHECK(c != NULL && c->aes_gcm == AES_GCM_AUTO);
+        config_free(c);
+        c = parse("[global]\naes_gcm = wolfssl\n" BASE);
+        CHECK(c != NULL && c->aes_gcm == AES_GCM_WOLFSSL);
+        config_free(c);
+    }
+    CHECK(rejects(2, "[global] key 'aes_gcm'", "[global]\naes_gcm = vaes\n" BASE));
+    CHECK(err_has(2, "expected auto | wolfssl"));
+
     /* every error is reported, not just the first */
     CHECK(rejects(2, "'syslog'",
                   "[global]\nsyslog = maybe\nmax_errors = x\nlog_level = loud\n"
