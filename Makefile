@@ -124,7 +124,7 @@ build/unit/test_sha256: tests/unit/test_sha256.c tests/unit/check.h $(WOLFSSL_DI
 CRYPTODEV_SRCS := proxy/cryptodev.c proxy/gcm_vaes.c proxy/rsa_backend.c proxy/metrics.c proxy/log.c
 
 # proxy/rsa_backend.c against wolfSSL's own RSA (needs both libraries).
-build/unit/test_rsa_backend: tests/unit/test_rsa_backend.c tests/unit/check.h $(CRYPTODEV_SRCS) \
+build/unit/test_rsa_backend: tests/unit/test_rsa_backend.c tests/unit/check.h tests/unit/metric.h $(CRYPTODEV_SRCS) \
   proxy/rsa_backend.h proxy/cryptodev.h $(WOLFSSL_DIR)/lib/libwolfssl.a
 	@mkdir -p build/unit
 	$(CC) $(STD) -O1 -g $(WARN) $(CPPFLAGS) -I$(WOLFSSL_DIR)/include -fsanitize=address,undefined \
@@ -133,7 +133,7 @@ build/unit/test_rsa_backend: tests/unit/test_rsa_backend.c tests/unit/check.h $(
 
 # proxy/gcm_vaes.c against wolfSSL's AES-GCM, directly and through the
 # crypto device.
-build/unit/test_gcm_vaes: tests/unit/test_gcm_vaes.c tests/unit/check.h $(CRYPTODEV_SRCS) \
+build/unit/test_gcm_vaes: tests/unit/test_gcm_vaes.c tests/unit/check.h tests/unit/metric.h $(CRYPTODEV_SRCS) \
   proxy/gcm_vaes.h proxy/cryptodev.h $(WOLFSSL_DIR)/lib/libwolfssl.a
 	@mkdir -p build/unit
 	$(CC) $(STD) -O1 -g $(WARN) $(CPPFLAGS) -I$(WOLFSSL_DIR)/include -fsanitize=address,undefined \

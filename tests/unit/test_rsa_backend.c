@@ -11,6 +11,7 @@
  * Build: see Makefile (build/unit/test_rsa_backend).
  */
 #include "check.h"
+#include "metric.h"
 #include "metrics.h"
 #include "rsa_backend.h"
 
@@ -35,20 +36,7 @@ static WC_RNG rng;
 
 static unsigned long long counter(void)
 {
-    char *text = NULL, *p;
-    size_t len = 0;
-    unsigned long long v = ~0ULL;
-    FILE *f = open_memstream(&text, &len);
-
-    if (f == NULL)
-        return v;
-    metrics_render(f);
-    fclose(f);
-    p = strstr(text, "\nsmtpbridge_rsa_openssl_signatures_total ");
-    if (p != NULL)
-        v = strtoull(p + strlen("\nsmtpbridge_rsa_openssl_signatures_total "), NULL, 10);
-    free(text);
-    return v;
+    return metric("smtpbridge_rsa_openssl_signatures_total");
 }
 
 /* wolfSSL's PKCS#1 v1.5 signature of a fixed block with key i, the key
