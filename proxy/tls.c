@@ -939,10 +939,65 @@ static const char *verify_reason(long v)
     }
 }
 
+/* TLS alert descriptions (RFC 8446 section 6, RFC 5246 section 7.2). */
+static const struct {
+    int code;
+    const char *name;
+} alerts[] = {
+    {10, "unexpected_message"},
+    {20, "bad_record_mac"},
+    {22, "record_overflow"},
+    {40, "handshake_failure"},
+    {42, "bad_certificate"},
+    {43, "unsupported_certificate"},
+    {44, "certificate_revoked"},
+    {45, "certificate_expired"},
+    {46, "certificate_unknown"},
+    {47, "illegal_parameter"},
+    {48, "unknown_ca"},
+    {49, "access_denied"},
+    {50, "decode_error"},
+    {51, "decrypt_error"},
+    {70, "protocol_version"},
+    {71, "insufficient_security"},
+    {80, "internal_error"},
+    {86, "inappropriate_fallback"},
+    {90, "user_canceled"},
+    {109, "missing_extension"},
+    {110, "unsupported_extension"},
+    {112, "unrecognized_name"},
+    {113, "bad_certificate_status_response"},
+    {115, "unknown_psk_identity"},
+    {116, "certificate_required"},
+    {120, "no_application_protocol"},
+};
+
+static const char *alert_name(int code)
+{
+    for (size_t i = 0; i < sizeof(alerts) / sizeof(alerts[0]); i++)
+        if (alerts[i].code == code)
+            return alerts[i].name;
+    return "unknown alert";
+}
+
+const char *tls_peer_alert(WOLFSSL *ssl, char *buf, size_t len)
+{
+    WOLFSSL_ALERT_HISTORY h;
+
+    buf[0] = '\0';
+    if (ssl == NULL || wolfSSL_get_alert_history(ssl, &h) != WOLFSSL_SUCCESS)
+        return buf;
+    /* -1: none received; 0: close_notify, an orderly close */
+    if (h.last_rx.code > 0)
+        snprintf(buf, len, " (the peer's TLS alert: %d %s)", h.last_rx.code,
+                 alert_name(h.last_rx.code));
+    return buf;
+}
+
 const char *tls_describe_error(WOLFSSL *ssl, int ret, char *buf, size_t len)
 {
     int code = wolfSSL_get_error(ssl, ret);
-    char e[160];
+    char e[160], a[64];
     long v;
 
     if (code == WOLFSSL_ERROR_SYSCALL || code == SOCKET_ERROR_E) {
@@ -950,10 +1005,16 @@ const char *tls_describe_error(WOLFSSL *ssl, int ret, char *buf, size_t len)
         return buf;
     }
     if (code == WOLFSSL_ERROR_ZERO_RETURN || code == SOCKET_PEER_CLOSED_E) {
-        snprintf(buf, len, "peer closed the connection during TLS");
+        snprintf(buf, len, "peer closed the connection during TLS%s",
+                 tls_peer_alert(ssl, a, sizeof(a)));
         return buf;
     }
     err_string(code, e, sizeof(e));
+    if (code == FATAL_ERROR && tls_peer_alert(ssl, a, sizeof(a))[0] != '\0') {
+        /* "received alert fatal error" says no more than that */
+        snprintf(buf, len, "%s%s", e, a);
+        return buf;
+    }
     v = wolfSSL_get_verify_result(ssl);
     if (name_mismatch || v == VERIFY_ERR_NAME_MISMATCH)
         snprintf(buf, len,

@@ -93,4 +93,12 @@ int tls_name_matches(const char *pattern, const char *name);
  */
 const char *tls_describe_error(WOLFSSL *ssl, int ret, char *buf, size_t len);
 
+/*
+ * tls_peer_alert(ssl, buf, len): " (the peer's TLS alert: 116
+ * certificate_required)" when the peer's last alert was anything but
+ * close_notify, else "" (ssl may be NULL). For the reasons of a session
+ * that ended because the peer closed it: a refusal comes as an alert.
+ */
+const char *tls_peer_alert(WOLFSSL *ssl, char *buf, size_t len);
+
 #endif

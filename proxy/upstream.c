@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "tls.h"
 #include "proxyproto.h"
 
 #define R_UNREACHABLE "421 4.4.1 Upstream server unreachable, try again later\r\n"
@@ -285,11 +286,12 @@ static int dialogue_reply(struct session *s, struct smtp_reply *r)
     struct conn *u = &s->u;
     const char *err;
     enum smtp_reply_status st;
+    char a[64];
 
     if (u->in.len == 0) {
         if (u->eof)
-            upstream_fail(s, NULL, "connection closed by upstream while waiting for %s",
-                          stage_name(s->uphase));
+            upstream_fail(s, NULL, "connection closed by upstream while waiting for %s%s",
+                          stage_name(s->uphase), tls_peer_alert(u->ssl, a, sizeof(a)));
         return 0;
     }
     st = smtp_parse_reply(u->in.data + u->in.off, u->in.len, r, &err);
@@ -299,7 +301,8 @@ static int dialogue_reply(struct session *s, struct smtp_reply *r)
     }
     if (st == SMTP_REPLY_INCOMPLETE) {
         if (u->eof)
-            upstream_fail(s, NULL, "connection closed by upstream in the middle of a reply");
+            upstream_fail(s, NULL, "connection closed by upstream in the middle of a reply%s",
+                          tls_peer_alert(u->ssl, a, sizeof(a)));
         else if (conn_in_room(u) == 0)
             upstream_fail(s, NULL, "reply longer than buffer_size");
         return 0;
@@ -492,8 +495,11 @@ int upstream_step(struct session *s)
     case UP_READY:
         /* In the follower, replies are read by client.c; here only the end
          * of the connection before the splice matters. */
-        if (s->cphase != CP_SPLICE && u->eof && u->in.len == 0)
-            session_finish(s, R_FAILED, "upstream closed the connection");
+        if (s->cphase != CP_SPLICE && u->eof && u->in.len == 0) {
+            char a[64];
+            session_finish(s, R_FAILED, "upstream closed the connection%s",
+                           tls_peer_alert(u->ssl, a, sizeof(a)));
+        }
         break;
     default:
         break;

@@ -1196,9 +1196,10 @@ def test_upstream_client_certificate_signed_by_rsa_backend(make_bridge, upstream
                 break
             replies.append(c.cmd(line))
     assert replies[-1].code == 421, replies
-    # TLS 1.3: the upstream refuses after the proxy's Finished, so the proxy
-    # sees its TLS session close (the alert is not decoded into the reason)
-    bare.wait_log(r'event=session_end .*reason="upstream closed the connection"')
+    # TLS 1.3: the upstream refuses after the proxy's Finished. A server
+    # that sends its alert (116 certificate_required) gets it named in the
+    # reason; this Python upstream closes without one arriving.
+    bare.wait_log(r'event=session_end .*reason="upstream closed the connection')
     assert upstream.messages() == []
 
     admin = ("127.0.0.1", free_port())
@@ -1383,3 +1384,23 @@ def test_aes_gcm_tampered_record_is_refused_and_nothing_is_relayed(ops_bridge, c
     assert upstream.messages() == []
     if cpu_has_vaes():
         assert metrics(admin)[GCM_COUNTER] == base + 1
+
+
+# ======================================================= 10. TLS alerts in reasons
+
+def test_client_alert_is_named_in_the_reason(make_bridge, upstream, certs):
+    """A client that does not trust the proxy's certificate ends the
+    handshake with a fatal alert (48 unknown_ca); the session's reason
+    names it, so the operator knows which side refused and why. TLS 1.2:
+    under TLS 1.3 the client's alert is encrypted with its handshake key,
+    and wolfSSL 5.5.4 reports "parse error on header (-306)" instead of
+    reading it."""
+    d = make_bridge(upstream.address)
+    ctx = ssl.create_default_context(cafile=os.path.join(certs, "other-ca.pem"))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises(ssl.SSLCertVerificationError):
+        RawClient(*d.addr("smtps"), tls_ctx=ctx)
+    line = d.wait_log(r"event=session_end ")
+    assert re.search(r'reason="client TLS handshake failed: received alert fatal error '
+                     r'\(-313\) \(the peer\'s TLS alert: 48 unknown_ca\)"', line), line
+    assert upstream.messages() == []
