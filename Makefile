@@ -211,7 +211,7 @@ test-docker:
 # Zero errors and zero definite leaks are required.
 .PHONY: test-valgrind
 VALGRIND ?= valgrind --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite --track-fds=no -q
-VALGRIND_TESTS ?= rsa_backend or smtplib or swaks or injection or auth_gate or bad_greeting or ehlo_without_starttls or bytes_after_starttls or bad_certificate or healthy_starttls_upstream or probe_in_flight or response_is_stapled or hello_arriving_in_pieces or first_address_refused or client_session_resumption or many_records_in_one_write or half_close_after_upload
+VALGRIND_TESTS ?= rsa_backend or aes_gcm or alert_is_named or smtplib or swaks or injection or auth_gate or bad_greeting or ehlo_without_starttls or bytes_after_starttls or bad_certificate or healthy_starttls_upstream or probe_in_flight or response_is_stapled or hello_arriving_in_pieces or first_address_refused or client_session_resumption or many_records_in_one_write or half_close_after_upload
 test-valgrind: all
 	SMTPBRIDGE_BIN=$(CURDIR)/$(BIN) SMTPBRIDGE_WRAPPER="$(VALGRIND)" \
 	  SMTPBRIDGE_TIME_FACTOR=20 SMTPBRIDGE_MAX_RSS_MB=0 \
