@@ -16,11 +16,13 @@ declare -A EXTRA_SRCS=(
     [fuzz_config]="proxy/config.c proxy/log.c"
     [fuzz_proxy]="proxy/proxyproto.c"
     [fuzz_hello]="-Ibuild/wolfssl/include -DSMTPBRIDGE_OWN_WOLFSSL=1 proxy/tls.c proxy/cryptodev.c proxy/gcm_vaes.c proxy/rsa_backend.c proxy/metrics.c proxy/log.c"
+    [fuzz_gcm]="-Ibuild/wolfssl/include proxy/gcm_vaes.c"
 )
 # Optional extra libraries per target (linked after the sources).
 declare -A EXTRA_LIBS=(
     [fuzz_config]="-linih"
     [fuzz_hello]="build/wolfssl/lib/libwolfssl.a -lcrypto -lm -lpthread"
+    [fuzz_gcm]="build/wolfssl/lib/libwolfssl.a -lm -lpthread"
 )
 # Optional extra libFuzzer flags per target.
 declare -A EXTRA_ARGS=(
@@ -29,6 +31,7 @@ declare -A EXTRA_ARGS=(
     [fuzz_ehlo]="-max_len=16384"
     [fuzz_proxy]="-max_len=1024"
     [fuzz_hello]="-max_len=17000"
+    [fuzz_gcm]="-max_len=17000"
 )
 
 if [ $# -ne 1 ] || ! [[ $1 =~ ^[0-9]+$ ]]; then
