@@ -140,8 +140,10 @@ build/unit/test_gcm_vaes: tests/unit/test_gcm_vaes.c tests/unit/check.h tests/un
 	  -fno-sanitize-recover=all tests/unit/test_gcm_vaes.c $(CRYPTODEV_SRCS) \
 	  $(WOLFSSL_DIR)/lib/libwolfssl.a -lcrypto -lm -lpthread -o $@
 
+# test_apt.sh: scripts/apt.sh (the apt calls of deps.sh and wolfssl.sh)
+# against a stand-in apt-get.
 test-unit: $(UNIT_TESTS)
-	@set -e; for t in $(UNIT_TESTS); do echo "== $$t"; $$t; done
+	@set -e; for t in $(UNIT_TESTS) tests/unit/test_apt.sh; do echo "== $$t"; $$t; done
 
 test-integration: all
 	SMTPBRIDGE_BIN=$(CURDIR)/$(BIN) $(PYTHON) -m pytest -q tests/integration

@@ -37,10 +37,10 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 echo "smtpbridge: installing missing Debian packages:$missing" >&2
-export DEBIAN_FRONTEND=noninteractive
-# An old or empty package list cannot find anything: refresh it once.
-apt-get update -qq >/dev/null || apt-get update
-# Wait for apt's lock rather than fail when another apt (unattended-upgrades
-# on a fresh machine) holds it.
+# shellcheck source=scripts/apt.sh
+. "$(dirname "$0")/apt.sh"
+# An old or empty package list cannot find anything: refresh it once. Both
+# calls wait for another apt's locks rather than fail (apt.sh says why).
+apt_update || { echo "smtpbridge: apt-get update failed (output above)" >&2; exit 1; }
 # shellcheck disable=SC2086
-apt-get install -o DPkg::Lock::Timeout=300 -y -qq --no-install-recommends $missing >/dev/null
+apt_install $missing >/dev/null

@@ -78,12 +78,13 @@ need_pkgs() {
     [ -z "$missing" ] && return 0
     [ "$(id -u)" = 0 ] || die "missing Debian packages:$missing (install them with: sudo apt-get install$missing)"
     echo "wolfssl.sh: installing missing Debian packages:$missing" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    # An old or empty package list cannot find anything: refresh it once.
-    apt-get update -qq >>"$log" 2>&1 || true
+    # shellcheck source=scripts/apt.sh
+    . "$top/scripts/apt.sh"
+    # An old or empty package list cannot find anything: refresh it once
+    # (a failure is in the log; the install then says what is missing).
+    apt_update 2>>"$log" || true
     # shellcheck disable=SC2086
-    apt-get install -o DPkg::Lock::Timeout=300 -y -qq --no-install-recommends $missing >>"$log" 2>&1 ||
-        die "cannot install$missing (see $log)"
+    apt_install $missing >>"$log" 2>&1 || die "cannot install$missing (see $log)"
 }
 need_pkgs dpkg-dev autoconf automake libtool make gcc patch
 

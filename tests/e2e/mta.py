@@ -75,8 +75,10 @@ def _apt_install(missing, env):
     subprocess.run(["debconf-set-selections"], check=True, env=env,
                    input="postfix postfix/main_mailer_type select No configuration\n",
                    text=True)
-    subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
-    r = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends"] + missing,
+    # scripts/apt.sh: the same calls as the build's, which wait for another
+    # apt's locks instead of failing (a fresh machine's unattended-upgrades).
+    apt_sh = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts", "apt.sh")
+    r = subprocess.run(["bash", "-c", '. "$0"; apt_update || true; apt_install "$@"', apt_sh] + missing,
                        env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError("apt-get install %s failed:\n%s" % (" ".join(missing), r.stderr))
