@@ -39,6 +39,7 @@
 
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -220,11 +221,28 @@ static int cpu_has_ifma(void)
 #endif
 }
 
+/* OPENSSL_ia32cap, OpenSSL's mask of CPU features, is most often set to
+ * keep it off AVX-512 (clock throttling on some Intel parts), and that
+ * also turns its IFMA RSA code off: libcrypto would then sign at half
+ * speed. Its syntax differs between OpenSSL versions (3.0: two words,
+ * newer: five), so auto does not parse it: any value keeps RSA with
+ * wolfSSL, and rsa_backend = openssl still forces libcrypto. */
+static int ia32cap_set(void)
+{
+    const char *v = getenv("OPENSSL_ia32cap");
+    return v && *v;
+}
+
 int rsa_backend_select(enum rsa_backend want, char *err, size_t errlen)
 {
     int use = 0;
 
-    if (want == RSA_BACKEND_OPENSSL) {
+    if (want == RSA_BACKEND_AUTO && cpu_has_ifma() && ia32cap_set()) {
+        snprintf(why, sizeof(why),
+                 "RSA private-key operations by wolfSSL (rsa_backend = auto: OPENSSL_ia32cap is "
+                 "set and may turn OpenSSL's AVX-512 IFMA code off; rsa_backend = openssl uses "
+                 "libcrypto anyway)");
+    } else if (want == RSA_BACKEND_OPENSSL) {
         use = 1;
         only_2048 = 0;
         snprintf(why, sizeof(why),

@@ -1026,9 +1026,10 @@ def test_per_ip_cap_applies_to_real_client_behind_balancer(make_bridge, upstream
 RSA_COUNTER = "smtpbridge_rsa_openssl_signatures_total"
 
 
-def rsa_bridge(ops_bridge, pubdir, certs, backend, workers=None, cert="rsa-proxy"):
+def rsa_bridge(ops_bridge, pubdir, certs, backend, workers=None, cert="rsa-proxy", env=None):
     """A daemon whose listeners use an RSA certificate, with an admin
-    endpoint; returns (daemon, admin address)."""
+    endpoint and `env` added to its environment; returns (daemon, admin
+    address)."""
     for n in (cert, "rsa-proxy"):
         copy_public(os.path.join(certs, n + ".pem"), os.path.join(pubdir, n + ".pem"))
         copy_public(os.path.join(certs, n + ".key"), os.path.join(pubdir, n + ".key"))
@@ -1038,10 +1039,22 @@ def rsa_bridge(ops_bridge, pubdir, certs, backend, workers=None, cert="rsa-proxy
     g = {"rsa_backend": backend, "admin": "%s:%d" % admin}
     if workers:
         g.update({"workers": str(workers), "max_sessions_per_ip": "0"})
-    d = ops_bridge(global_opts=g)
+    d = ops_bridge(global_opts=g, start=False)
+    if env:
+        d.prefix = ["env"] + ["%s=%s" % kv for kv in env.items()]
+    d.start()
     if workers:
         wait_events(d, "worker_ready", workers)
     return d, admin
+
+
+def cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        return set(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
+
+
+def under_valgrind():
+    return any("valgrind" in w for w in bl.WRAPPER)  # valgrind's CPU has no AVX-512
 
 
 def s_client_pkcs1(certs, addr):
@@ -1102,11 +1115,7 @@ def test_rsa_backend_auto_follows_the_cpu(ops_bridge, pubdir, certs):
     """auto: libcrypto only where OpenSSL has its AVX-512 IFMA code, and
     then only for 2048-bit keys; this RSA-3072 listener stays with wolfSSL
     everywhere."""
-    with open("/proc/cpuinfo") as f:
-        flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    ifma = {"avx512f", "avx512ifma", "avx512vl"} <= set(flags)
-    if any("valgrind" in w for w in bl.WRAPPER):
-        ifma = False  # valgrind's CPU has no AVX-512
+    ifma = cpu_flags() >= {"avx512f", "avx512ifma", "avx512vl"} and not under_valgrind()
     d, admin = rsa_bridge(ops_bridge, pubdir, certs, "auto", cert="rsa3072-proxy")
     line = d.wait_log(r"event=rsa_backend ")
     if ifma:
@@ -1124,6 +1133,28 @@ def test_rsa_backend_auto_follows_the_cpu(ops_bridge, pubdir, certs):
         assert peer_cert_sha(certs, d2.addr("smtps")) == pem_cert_sha(
             os.path.join(pubdir, "rsa-proxy.pem"))
         assert metrics(admin2)[RSA_COUNTER] == base + 1
+
+
+def test_rsa_backend_auto_leaves_an_openssl_ia32cap_mask_alone(ops_bridge, pubdir, certs):
+    """OPENSSL_ia32cap set (here as operators set it to keep OpenSSL off
+    AVX-512 IFMA: leaf-7 EBX bit 21 masked) makes auto keep RSA-2048 with
+    wolfSSL, and says why; rsa_backend = openssl still uses libcrypto."""
+    mask = {"OPENSSL_ia32cap": ":~0x200000"}
+    d, admin = rsa_bridge(ops_bridge, pubdir, certs, "auto", env=mask)
+    line = d.wait_log(r"event=rsa_backend ")
+    if cpu_flags() >= {"avx512f", "avx512ifma", "avx512vl"} and not under_valgrind():
+        assert "by wolfSSL (rsa_backend = auto: OPENSSL_ia32cap is set" in line, line
+    else:
+        assert "by wolfSSL (rsa_backend = auto: the CPU has no AVX-512 IFMA)" in line, line
+    rsa_sha = pem_cert_sha(os.path.join(pubdir, "rsa-proxy.pem"))
+    assert peer_cert_sha(certs, d.addr("smtps")) == rsa_sha
+    assert metrics(admin)[RSA_COUNTER] == 0
+    d.stop()
+    d2, admin2 = rsa_bridge(ops_bridge, pubdir, certs, "openssl", env=mask)
+    assert "rsa_backend = openssl" in d2.wait_log(r"event=rsa_backend ")
+    base = metrics(admin2)[RSA_COUNTER]
+    assert peer_cert_sha(certs, d2.addr("smtps")) == rsa_sha
+    assert metrics(admin2)[RSA_COUNTER] == base + 1
 
 
 def test_rsa_backend_failed_reload_keeps_the_running_choice(ops_bridge, pubdir, certs):
@@ -1221,11 +1252,8 @@ GCM_COUNTER = "smtpbridge_aes_gcm_vaes_records_total"
 def cpu_has_vaes():
     """What gcm_vaes_usable() asks of the CPU; valgrind's CPU has none of
     it, so under valgrind wolfSSL does AES-GCM."""
-    if any("valgrind" in w for w in bl.WRAPPER):
-        return False
-    with open("/proc/cpuinfo") as f:
-        flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    return {"avx2", "aes", "pclmulqdq", "vaes", "vpclmulqdq"} <= set(flags)
+    return not under_valgrind() and cpu_flags() >= {"avx2", "aes", "pclmulqdq", "vaes",
+                                                     "vpclmulqdq"}
 
 
 class MemTLS:
