@@ -35,7 +35,18 @@ static int verb_is(const char *p, size_t n, const char *verb)
     return n > l && strncasecmp(p, verb, l) == 0 && (p[l] == ' ' || p[l] == '\r' || p[l] == '\n');
 }
 
-/* Scans the upstream's new bytes for complete replies. */
+/* The three-digit code a reply line starts with, or 0. */
+static int reply_code(const char *head, unsigned len)
+{
+    if (len < 4 || head[0] < '2' || head[0] > '5' || head[1] < '0' || head[1] > '9' ||
+        head[2] < '0' || head[2] > '9')
+        return 0;
+    return (head[0] - '0') * 100 + (head[1] - '0') * 10 + (head[2] - '0');
+}
+
+/* Scans the upstream's new bytes for complete replies. Runs in every
+ * spliced session, watcher or not: replies are a few bytes each way, and
+ * the last one's code says why an upstream closed (221 answers QUIT). */
 static void watch_replies(struct session *s)
 {
     struct conn *u = &s->u;
@@ -52,8 +63,7 @@ static void watch_replies(struct session *s)
         if (s->w_rpos < 5 || s->w_rhead[3] != '-') {
             if (s->w_outstanding > 0)
                 s->w_outstanding--;
-            s->w_last_code =
-                (s->w_rhead[0] - '0') * 100 + (s->w_rhead[1] - '0') * 10 + (s->w_rhead[2] - '0');
+            s->w_last_code = reply_code(s->w_rhead, s->w_rpos);
             if (s->w_outstanding == 0 && s->w_hold == WHOLD_DATA) {
                 s->w_hold = WHOLD_NONE;
                 s->w_state = s->w_last_code == 354 ? WST_BODY : WST_CMD;
@@ -173,8 +183,8 @@ int splice_step(struct session *s)
     struct conn *c = &s->c, *u = &s->u;
     int progress = 0;
 
+    watch_replies(s);
     if (s->watch) {
-        watch_replies(s);
         u->pass = u->in.len;
         int r = watch_commands(s);
         if (r < 0)
@@ -193,9 +203,16 @@ int splice_step(struct session *s)
         return 0;
     }
     /* The upstream is done: whatever it said last (a 221, a final "250
-     * queued as") goes to the client before we close. */
+     * queued as") goes to the client before we close. After a 221 the
+     * client asked to quit, whichever side closed first; otherwise the
+     * reason names the upstream's last reply (a 421 timeout, say). */
     if (u->eof && u->in.len == 0 && c->out_len == 0 && conn_push(c) != 0) {
-        session_close(s, c->eof ? "client quit" : "upstream closed connection");
+        if (c->eof || s->w_last_code == 221)
+            session_close(s, "client quit");
+        else if (s->w_last_code != 0)
+            session_close(s, "upstream closed connection after a %d reply", s->w_last_code);
+        else
+            session_close(s, "upstream closed connection");
         return 0;
     }
     /* The client is done sending: pass the half-close on and keep reading

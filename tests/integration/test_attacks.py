@@ -748,7 +748,7 @@ def test_half_close_still_gets_final_reply(scripted_bridge, certs, where):
     conn = up.wait_done(10)
     assert conn.lines[-1] == ("tls", b"QUIT\r\n"), conn.lines[-3:]
     end = wait_session_end(d, 1)[-1]
-    assert end["reason"] in ("client quit", "upstream closed connection"), end["_line"]
+    assert end["reason"] == "client quit", end["_line"]
     assert_healthy(d, certs, fds)
 
 
@@ -770,7 +770,36 @@ def test_upstream_closes_right_after_final_250(scripted_bridge, certs):
         rest, closed = c.read_until_close(5)
     assert closed and rest == b"", rest
     end = wait_session_end(d, 1)[-1]
-    assert "upstream closed" in end["reason"], end["_line"]
+    assert end["reason"] == "upstream closed connection after a 250 reply", end["_line"]
+
+
+@pytest.mark.parametrize("xclient", ["no", "yes"])
+def test_upstream_closing_a_session_itself_is_named_with_its_reply(scripted_bridge, certs,
+                                                                   xclient):
+    """An upstream that ends a spliced session itself (here a 421 after
+    MAIL, as a server timing out does) is not a quit: the client gets the
+    421, and the reason names it. The same with the XCLIENT watcher on."""
+    script = tls_prelude() + [("expect", b"EHLO")]
+    if xclient == "yes":
+        script += [
+            ("send", ehlo_reply(["upstream.test", "PIPELINING", "AUTH PLAIN", "XCLIENT ADDR PORT"])),
+            ("expect", b"XCLIENT "), ("send", b"220 upstream.test ESMTP\r\n"),
+            ("expect", b"EHLO")]
+    script += [
+        ("send", post_tls_caps()),
+        ("expect", b"AUTH"), ("send", b"235 2.7.0 ok\r\n"),
+        ("expect", b"MAIL"), ("send", b"421 4.4.2 mx.test Error: timeout exceeded\r\n"),
+        ("close",)]
+    d, up = scripted_bridge(script, upstream_opts={"xclient": xclient})
+    with implicit_client(d, certs) as c:
+        assert c.cmd("EHLO c.test").code == 250
+        assert c.cmd(AUTH_OK).code == 235
+        r = c.cmd("MAIL FROM:<a@b.test>")
+        assert r.code == 421 and "timeout exceeded" in r.text, r
+        rest, closed = c.read_until_close(5)
+    assert closed and rest == b"", rest
+    end = wait_session_end(d, 1)[-1]
+    assert end["reason"] == "upstream closed connection after a 421 reply", end["_line"]
 
 
 # ================================================================ client-facing TLS
