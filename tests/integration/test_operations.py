@@ -1059,6 +1059,32 @@ def under_valgrind():
     return any("valgrind" in w for w in bl.WRAPPER)  # valgrind's CPU has no AVX-512
 
 
+def cpu_has_ifma():
+    """What rsa_backend = auto asks of the CPU."""
+    return cpu_flags() >= {"avx512f", "avx512ifma", "avx512vl"} and not under_valgrind()
+
+
+def assert_auto_kept_wolfssl(d, admin, certs, pem, ifma_says):
+    """d (rsa_backend = auto, certificate `pem`) logged its choice, which
+    is `ifma_says` on an IFMA CPU, and signed a handshake without libcrypto."""
+    line = d.wait_log(r"event=rsa_backend ")
+    if cpu_has_ifma():
+        assert ifma_says in line, line
+    else:
+        assert "by wolfSSL (rsa_backend = auto: the CPU has no AVX-512 IFMA)" in line, line
+    assert peer_cert_sha(certs, d.addr("smtps")) == pem_cert_sha(pem)
+    assert metrics(admin)[RSA_COUNTER] == 0
+
+
+def assert_one_libcrypto_signature(d, admin, certs, pem):
+    """One handshake with d's implicit-TLS listener, its certificate `pem`,
+    signed by libcrypto (its self-test handshakes signed before)."""
+    base = metrics(admin)[RSA_COUNTER]
+    assert base >= 1, "the self-test handshakes"
+    assert peer_cert_sha(certs, d.addr("smtps")) == pem_cert_sha(pem)
+    assert metrics(admin)[RSA_COUNTER] == base + 1
+
+
 def s_client_pkcs1(certs, addr):
     """A TLS 1.2 handshake that allows only PKCS#1 v1.5 RSA signatures (the
     ServerKeyExchange path, not TLS 1.3's RSA-PSS CertificateVerify), the
@@ -1117,24 +1143,13 @@ def test_rsa_backend_auto_follows_the_cpu(ops_bridge, pubdir, certs):
     """auto: libcrypto only where OpenSSL has its AVX-512 IFMA code, and
     then only for 2048-bit keys; this RSA-3072 listener stays with wolfSSL
     everywhere."""
-    ifma = cpu_flags() >= {"avx512f", "avx512ifma", "avx512vl"} and not under_valgrind()
     d, admin = rsa_bridge(ops_bridge, pubdir, certs, "auto", cert="rsa3072-proxy")
-    line = d.wait_log(r"event=rsa_backend ")
-    if ifma:
-        assert "RSA-2048 private-key operations by OpenSSL" in line, line
-    else:
-        assert "by wolfSSL (rsa_backend = auto: the CPU has no AVX-512 IFMA)" in line, line
-    want = pem_cert_sha(os.path.join(pubdir, "rsa3072-proxy.pem"))
-    assert peer_cert_sha(certs, d.addr("smtps")) == want
-    assert metrics(admin)[RSA_COUNTER] == 0
-    if ifma:
+    assert_auto_kept_wolfssl(d, admin, certs, os.path.join(pubdir, "rsa3072-proxy.pem"),
+                             "RSA-2048 private-key operations by OpenSSL")
+    if cpu_has_ifma():
         # and an RSA-2048 listener on the same CPU is signed by libcrypto
         d2, admin2 = rsa_bridge(ops_bridge, pubdir, certs, "auto")
-        base = metrics(admin2)[RSA_COUNTER]
-        assert base >= 1, "the self-test handshakes"
-        assert peer_cert_sha(certs, d2.addr("smtps")) == pem_cert_sha(
-            os.path.join(pubdir, "rsa-proxy.pem"))
-        assert metrics(admin2)[RSA_COUNTER] == base + 1
+        assert_one_libcrypto_signature(d2, admin2, certs, os.path.join(pubdir, "rsa-proxy.pem"))
 
 
 def test_rsa_backend_auto_leaves_an_openssl_ia32cap_mask_alone(ops_bridge, pubdir, certs):
@@ -1143,20 +1158,12 @@ def test_rsa_backend_auto_leaves_an_openssl_ia32cap_mask_alone(ops_bridge, pubdi
     wolfSSL, and says why; rsa_backend = openssl still uses libcrypto."""
     mask = {"OPENSSL_ia32cap": ":~0x200000"}
     d, admin = rsa_bridge(ops_bridge, pubdir, certs, "auto", env=mask)
-    line = d.wait_log(r"event=rsa_backend ")
-    if cpu_flags() >= {"avx512f", "avx512ifma", "avx512vl"} and not under_valgrind():
-        assert "by wolfSSL (rsa_backend = auto: OPENSSL_ia32cap is set" in line, line
-    else:
-        assert "by wolfSSL (rsa_backend = auto: the CPU has no AVX-512 IFMA)" in line, line
-    rsa_sha = pem_cert_sha(os.path.join(pubdir, "rsa-proxy.pem"))
-    assert peer_cert_sha(certs, d.addr("smtps")) == rsa_sha
-    assert metrics(admin)[RSA_COUNTER] == 0
+    assert_auto_kept_wolfssl(d, admin, certs, os.path.join(pubdir, "rsa-proxy.pem"),
+                             "by wolfSSL (rsa_backend = auto: OPENSSL_ia32cap is set")
     d.stop()
     d2, admin2 = rsa_bridge(ops_bridge, pubdir, certs, "openssl", env=mask)
     assert "rsa_backend = openssl" in d2.wait_log(r"event=rsa_backend ")
-    base = metrics(admin2)[RSA_COUNTER]
-    assert peer_cert_sha(certs, d2.addr("smtps")) == rsa_sha
-    assert metrics(admin2)[RSA_COUNTER] == base + 1
+    assert_one_libcrypto_signature(d2, admin2, certs, os.path.join(pubdir, "rsa-proxy.pem"))
 
 
 def test_rsa_backend_failed_reload_keeps_the_running_choice(ops_bridge, pubdir, certs):
