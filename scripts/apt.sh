@@ -1,4 +1,5 @@
-# Sourced by deps.sh and wolfssl.sh: apt-get calls that wait for another apt
+# Sourced by deps.sh, wolfssl.sh and tests/e2e/mta.py: installs missing
+# Debian packages, with apt-get calls that wait for another apt
 # (unattended-upgrades or cloud-init on a fresh machine) instead of failing.
 #
 # DPkg::Lock::Timeout makes `apt-get install` wait for dpkg's lock, but
@@ -42,4 +43,33 @@ apt_update() {
 apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout="$APT_LOCK_WAIT" -y -qq \
         --no-install-recommends install "$@"
+}
+
+# apt_ensure WHO PACKAGE...: installs those of the packages that are not
+# installed. As another user than root it names them and fails. A failed
+# package-list refresh is reported, and the install is tried with the lists
+# as they are (apt then names any package it cannot find). WHO prefixes the
+# messages.
+apt_ensure() {
+    local who=$1 missing="" p
+    shift
+    for p in "$@"; do
+        if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+            case " $missing " in *" $p "*) ;; *) missing="$missing $p" ;; esac
+        fi
+    done
+    [ -z "$missing" ] && return 0
+    if [ "$(id -u)" != 0 ]; then
+        echo "$who: missing Debian packages:$missing" >&2
+        echo "install them with: sudo apt-get install$missing" >&2
+        return 1
+    fi
+    echo "$who: installing missing Debian packages:$missing" >&2
+    # An old or empty package list cannot find anything: refresh it once.
+    apt_update || echo "$who: apt-get update failed (above); installing from the package lists as they are" >&2
+    # shellcheck disable=SC2086
+    apt_install $missing >/dev/null || {
+        echo "$who: cannot install$missing (apt-get's message is above)" >&2
+        return 1
+    }
 }

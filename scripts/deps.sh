@@ -23,24 +23,7 @@ for step in "$@"; do
     esac
 done
 
-missing=""
-for p in $want; do
-    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-        case " $missing " in *" $p "*) ;; *) missing="$missing $p" ;; esac
-    fi
-done
-[ -z "$missing" ] && exit 0
-
-if [ "$(id -u)" != 0 ]; then
-    echo "smtpbridge: missing Debian packages:$missing" >&2
-    echo "install them with: sudo apt-get install$missing" >&2
-    exit 1
-fi
-echo "smtpbridge: installing missing Debian packages:$missing" >&2
 # shellcheck source=scripts/apt.sh
 . "$(dirname "$0")/apt.sh"
-# An old or empty package list cannot find anything: refresh it once. Both
-# calls wait for another apt's locks rather than fail (apt.sh says why).
-apt_update || { echo "smtpbridge: apt-get update failed (output above)" >&2; exit 1; }
 # shellcheck disable=SC2086
-apt_install $missing >/dev/null
+apt_ensure smtpbridge $want

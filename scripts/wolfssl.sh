@@ -69,24 +69,9 @@ cached && exit 0
 : >"$log"
 
 # ---- build tools ----
-need_pkgs() {
-    local missing="" p
-    for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
-            missing="$missing $p"
-    done
-    [ -z "$missing" ] && return 0
-    [ "$(id -u)" = 0 ] || die "missing Debian packages:$missing (install them with: sudo apt-get install$missing)"
-    echo "wolfssl.sh: installing missing Debian packages:$missing" >&2
-    # shellcheck source=scripts/apt.sh
-    . "$top/scripts/apt.sh"
-    # An old or empty package list cannot find anything: refresh it once
-    # (a failure is in the log; the install then says what is missing).
-    apt_update 2>>"$log" || true
-    # shellcheck disable=SC2086
-    apt_install $missing >>"$log" 2>&1 || die "cannot install$missing (see $log)"
-}
-need_pkgs dpkg-dev autoconf automake libtool make gcc patch
+# shellcheck source=scripts/apt.sh
+. "$top/scripts/apt.sh"
+apt_ensure wolfssl.sh dpkg-dev autoconf automake libtool make gcc patch || exit 1
 
 # ---- private apt configuration: the system's entries as deb-src ----
 # Writes converted copies of the enabled source files; files with other

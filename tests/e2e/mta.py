@@ -78,7 +78,7 @@ def _apt_install(missing, env):
     # scripts/apt.sh: the same calls as the build's, which wait for another
     # apt's locks instead of failing (a fresh machine's unattended-upgrades).
     apt_sh = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts", "apt.sh")
-    r = subprocess.run(["bash", "-c", '. "$0"; apt_update || true; apt_install "$@"', apt_sh] + missing,
+    r = subprocess.run(["bash", "-c", '. "$0"; apt_ensure mta.py "$@"', apt_sh] + missing,
                        env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError("apt-get install %s failed:\n%s" % (" ".join(missing), r.stderr))

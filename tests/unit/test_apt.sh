@@ -62,5 +62,56 @@ check "install: succeeds" [ $? = 0 ]
 check "install: waits for dpkg's lock, no Recommends" \
     grep -qx -- "-o DPkg::Lock::Timeout=77 -y -qq --no-install-recommends install pkg-a pkg-b" "$tmp/calls"
 
+# apt_ensure: dpkg-query reports the packages listed in $tmp/installed as
+# installed; id -u prints $STUB_UID.
+cat >"$tmp/bin/dpkg-query" <<'STUB'
+#!/usr/bin/env bash
+p=${*: -1}
+grep -qx -- "$p" "$STUB_DIR/installed" || { echo "dpkg-query: no packages found matching $p" >&2; exit 1; }
+echo "install ok installed"
+STUB
+cat >"$tmp/bin/id" <<'STUB'
+#!/bin/sh
+echo "${STUB_UID:-0}"
+STUB
+chmod +x "$tmp/bin/dpkg-query" "$tmp/bin/id"
+printf '%s\n' have-a have-b >"$tmp/installed"
+ensure() { # ensure SCRIPT-LINES... -- PACKAGES...: calls apt_ensure
+    : >"$tmp/calls"
+    : >"$tmp/script"
+    while [ "$1" != -- ]; do
+        echo "$1" >>"$tmp/script"
+        shift
+    done
+    shift
+    (. "$top/scripts/apt.sh" && apt_ensure who "$@") >"$tmp/out" 2>"$tmp/err"
+}
+
+ensure -- have-a have-b
+check "ensure: all installed: succeeds" [ $? = 0 ]
+check "ensure: ... without calling apt-get" [ "$(calls)" = 0 ]
+
+ensure -- have-a new-x have-b new-y new-x
+check "ensure: installs what is missing" [ $? = 0 ]
+check "ensure: ... each once, after a refresh" diff <(printf '%s\n' "-q update" \
+    "-o DPkg::Lock::Timeout=300 -y -qq --no-install-recommends install new-x new-y") "$tmp/calls"
+check "ensure: ... and names them" grep -qx "who: installing missing Debian packages: new-x new-y" "$tmp/err"
+
+ensure "100 E: Failed to fetch something" -- new-x
+check "ensure: a failed refresh still tries the install" [ $? = 0 ]
+check "ensure: ... which ran" grep -q "install new-x" "$tmp/calls"
+check "ensure: ... and the failure is reported" grep -q "who: apt-get update failed" "$tmp/err"
+
+ensure "0 ok" "100 E: Unable to locate package new-x" -- new-x
+check "ensure: a failed install fails" [ $? = 1 ]
+check "ensure: ... saying so" \
+    grep -q "who: cannot install new-x" "$tmp/err"
+check "ensure: ... apt's message" grep -q "Unable to locate package new-x" "$tmp/err"
+
+STUB_UID=1000 ensure -- have-a new-x
+check "ensure: not root: fails" [ $? = 1 ]
+check "ensure: ... without calling apt-get" [ "$(calls)" = 0 ]
+check "ensure: ... and says how to install" grep -qx "install them with: sudo apt-get install new-x" "$tmp/err"
+
 echo "test_apt: $fails failed"
 [ "$fails" = 0 ]
