@@ -235,9 +235,9 @@ static int ia32cap_set(void)
 
 int rsa_backend_select(enum rsa_backend want, char *err, size_t errlen)
 {
-    int use = 0;
+    int use = 0, ifma = want == RSA_BACKEND_AUTO && cpu_has_ifma();
 
-    if (want == RSA_BACKEND_AUTO && cpu_has_ifma() && ia32cap_set()) {
+    if (ifma && ia32cap_set()) {
         snprintf(why, sizeof(why),
                  "RSA private-key operations by wolfSSL (rsa_backend = auto: OPENSSL_ia32cap is "
                  "set and may turn OpenSSL's AVX-512 IFMA code off; rsa_backend = openssl uses "
@@ -248,7 +248,7 @@ int rsa_backend_select(enum rsa_backend want, char *err, size_t errlen)
         snprintf(why, sizeof(why),
                  "RSA private-key operations by %s (rsa_backend = openssl, every key size)",
                  OpenSSL_version(OPENSSL_VERSION));
-    } else if (want == RSA_BACKEND_AUTO && cpu_has_ifma()) {
+    } else if (ifma) {
         use = 1;
         only_2048 = 1;
         snprintf(why, sizeof(why),
