@@ -802,6 +802,44 @@ def test_upstream_closing_a_session_itself_is_named_with_its_reply(scripted_brid
     assert end["reason"] == "upstream closed connection after a 421 reply", end["_line"]
 
 
+def test_upstream_closing_mid_reply_keeps_the_last_complete_one(scripted_bridge, certs):
+    """EOF in the middle of a reply line: the client gets the bytes that
+    came, and the reason names the last complete reply (the partial line
+    is no reply), here the 250 to MAIL."""
+    script = tls_prelude() + [
+        ("expect", b"EHLO"), ("send", post_tls_caps()),
+        ("expect", b"AUTH"), ("send", b"235 2.7.0 ok\r\n"),
+        ("expect", b"MAIL"), ("send", b"250 ok\r\n"),
+        ("expect", b"RCPT"), ("send", b"55"), ("close",)]
+    d, up = scripted_bridge(script)
+    with implicit_client(d, certs) as c:
+        assert c.cmd("EHLO c.test").code == 250
+        assert c.cmd(AUTH_OK).code == 235
+        assert c.cmd("MAIL FROM:<a@b.test>").code == 250
+        c.send(b"RCPT TO:<c@d.test>\r\n")
+        rest, closed = c.read_until_close(5)
+    assert closed and rest == b"55", rest
+    end = wait_session_end(d, 1)[-1]
+    assert end["reason"] == "upstream closed connection after a 250 reply", end["_line"]
+
+
+def test_upstream_closing_before_any_spliced_reply_is_named_bare(scripted_bridge, certs):
+    """The splice begins after AUTH; an upstream that closes before any
+    reply in it ends the session "upstream closed connection" (the 235
+    relayed before the splice is not counted as its last reply)."""
+    script = tls_prelude() + [
+        ("expect", b"EHLO"), ("send", post_tls_caps()),
+        ("expect", b"AUTH"), ("send", b"235 2.7.0 ok\r\n"), ("close",)]
+    d, up = scripted_bridge(script)
+    with implicit_client(d, certs) as c:
+        assert c.cmd("EHLO c.test").code == 250
+        assert c.cmd(AUTH_OK).code == 235
+        rest, closed = c.read_until_close(5)
+    assert closed and rest == b"", rest
+    end = wait_session_end(d, 1)[-1]
+    assert end["reason"] == "upstream closed connection", end["_line"]
+
+
 # ================================================================ client-facing TLS
 
 def tls10_ctx(certs):
